@@ -1,0 +1,1 @@
+"""Built-in adapters, one folder each. Importable as mixerhub.adapters.<name>."""

@@ -1,0 +1,93 @@
+"""stdio's handler: logentry and metric instances as JSON or text lines (Mixer's stdio format)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Any
+
+from mixerhub.adapter import Env, ExportResult, Handler, InstanceSpec
+from mixerhub.attributes import format_value
+from mixerhub.templates import LogEntryInstance, MetricInstance
+
+from .config import Level, StdioParams
+from .writer import LineWriter, RotatingFile
+
+_RANK: Mapping[str, int] = {"INFO": 0, "WARNING": 1, "ERROR": 2}
+_NAME: Mapping[str, str] = {"INFO": "info", "WARNING": "warn", "ERROR": "error"}
+
+
+class StdioHandler(Handler):
+    def __init__(self, params: StdioParams, env: Env) -> None:
+        self.params, self.env = params, env
+        self._min_rank = _RANK[params.output_level]
+        self._metric_level = params.metric_level
+        # Mixer looked severities up exactly; a case-insensitive fallback keeps "Info" (what
+        # Istio's own accesslog instance says) from silently meaning the default level.
+        self._levels = dict(params.severity_levels)
+        self._levels_folded = {k.lower(): v for k, v in params.severity_levels.items()}
+        open_stream, rotate = self._stream()
+        self._writer = LineWriter(open_stream, params.queue_size, self._dropped, rotate)
+
+    def _stream(self) -> tuple[Callable[[], IO[str]], Callable[[IO[str]], IO[str]] | None]:
+        p = self.params
+        if p.output_path:
+            f = RotatingFile(
+                p.output_path,
+                p.max_megabytes_before_rotation * 1024 * 1024,
+                p.max_days_before_rotation * 86400.0,
+                p.max_rotated_files,
+            )
+            return f.open, f.rotate
+        stream: IO[str] = sys.stdout if p.log_stream == "STDOUT" else sys.stderr
+        return (lambda: stream), None
+
+    def _dropped(self, n: int) -> None:
+        self.env.count_dropped("queue_full", n)
+
+    def handle_logentry(self, instances: Sequence[LogEntryInstance]) -> ExportResult:
+        lines = []
+        for i in instances:
+            level = self._level(i.severity)
+            if _RANK[level] < self._min_rank:
+                continue
+            fields = {k: format_value(v) for k, v in i.variables.items()}
+            lines.append(self._line(level, i.timestamp, i.name, fields))
+        return self._write(lines)
+
+    def handle_metric(self, instances: Sequence[MetricInstance]) -> ExportResult:
+        if _RANK[self._metric_level] < self._min_rank:
+            return ExportResult.SUCCESS
+        lines = []
+        for i in instances:
+            fields = {"value": format_value(i.value)}
+            fields.update((k, format_value(v)) for k, v in i.dimensions.items())
+            lines.append(self._line(self._metric_level, None, i.name, fields))
+        return self._write(lines)
+
+    def _level(self, severity: str) -> Level:
+        return self._levels.get(severity) or self._levels_folded.get(severity.lower(), "INFO")
+
+    def _line(
+        self, level: Level, at: datetime.datetime | None, instance: str, fields: dict[str, Any]
+    ) -> str:
+        when = format_value(at or datetime.datetime.now(datetime.UTC))
+        if self.params.output_as_json:
+            record = {"level": _NAME[level], "time": when, "instance": instance, **fields}
+            return json.dumps(record, separators=(",", ":"), default=str)
+        return f"{when}\t{_NAME[level]}\t{instance}\t{json.dumps(fields, default=str)}"
+
+    def _write(self, lines: list[str]) -> ExportResult:
+        if not lines:
+            return ExportResult.SUCCESS
+        return ExportResult.FAILURE if self._writer.write(lines) else ExportResult.SUCCESS
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._writer.close)
+
+
+def build(params: StdioParams, instances: Mapping[str, InstanceSpec], env: Env) -> StdioHandler:
+    return StdioHandler(params, env)

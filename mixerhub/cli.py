@@ -1,0 +1,174 @@
+"""The `mixerhub` command: serve, validate, eval, adapters, bootstrap, version."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from mixerhub import __version__, bootstrap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    code: int = args.run(args)
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mixerhub", description="Mixer's adapter model beside Envoy."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the hub")
+    serve.add_argument(
+        "--config",
+        action="append",
+        metavar="DIR",
+        help="a configuration folder or file (repeatable); default: the shipped config/default",
+    )
+    serve.add_argument("--address", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--grpc-port", type=bootstrap.parse_port, default=9091)
+    serve.add_argument("--http-port", type=bootstrap.parse_port, default=15014)
+    serve.add_argument(
+        "--poll-interval", type=float, default=1.0, help="seconds between config file checks"
+    )
+    serve.add_argument(
+        "--drain-seconds", type=float, default=5.0, help="time in-flight calls get on SIGTERM"
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(run=_serve)
+
+    validate = sub.add_parser("validate", help="check configuration, print every error")
+    validate.add_argument("paths", nargs="+", metavar="DIR|FILE")
+    validate.set_defaults(run=_validate)
+
+    ev = sub.add_parser("eval", help="compile and evaluate one expression")
+    ev.add_argument("expression")
+    ev.add_argument(
+        "--attributes", default="{}", help='a JSON object, e.g. \'{"request.path": "/x"}\''
+    )
+    ev.set_defaults(run=_eval)
+
+    adapters = sub.add_parser("adapters", help="list the registered adapters")
+    adapters.set_defaults(run=_adapters)
+
+    boot = sub.add_parser("bootstrap", help="print a static Envoy configuration wired to the hub")
+    bootstrap.add_arguments(boot)
+    boot.set_defaults(run=_bootstrap)
+
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(run=lambda args: print(f"mixerhub {__version__}") or 0)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from mixerhub import registry, server
+    from mixerhub.store.compile import default_config_dir
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    reg = registry.default_registry()
+    for problem in reg.problems:
+        logging.getLogger("mixerhub.registry").error("adapter left out: %s", problem)
+    options = server.ServeOptions(
+        config=args.config or [default_config_dir()],
+        address=args.address,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        poll_interval=args.poll_interval,
+        drain_seconds=args.drain_seconds,
+    )
+    return uvloop.run(server.run(options, reg))
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from mixerhub import registry
+    from mixerhub.store import documents
+    from mixerhub.store.compile import Rejected, compile_snapshot
+
+    source = documents.read(args.paths)
+    try:
+        snapshot = compile_snapshot(source, registry.default_registry(), build_handlers=False)
+    except Rejected as e:
+        for error in e.errors:
+            print(error)
+        print(f"{len(e.errors)} error(s) in {len(source.files)} file(s)", file=sys.stderr)
+        return 1
+    print(
+        f"valid: {len(source.documents)} documents in {len(source.files)} files"
+        f" ({len(snapshot.rules)} rules, {len(snapshot.instances)} instances,"
+        f" {len(snapshot.handlers)} handlers)"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mixerhub.attributes import format_value, from_json
+    from mixerhub.expression import EvaluationError, ExpressionError, compile_expression
+    from mixerhub.store.compile import builtin_attributes
+
+    types = builtin_attributes()
+    try:
+        raw = json.loads(args.attributes)
+        if not isinstance(raw, dict):
+            raise ValueError("--attributes must be a JSON object")
+        bag = {}
+        for name, value in raw.items():
+            if name not in types:
+                raise ValueError(f"unknown attribute {name!r}")
+            bag[name] = from_json(value, types[name])
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        print(f"error: --attributes: {e}", file=sys.stderr)
+        return 1
+    try:
+        expr = compile_expression(args.expression, types)
+    except ExpressionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(f"  {args.expression}\n  {' ' * e.position}^", file=sys.stderr)
+        return 1
+    try:
+        value = expr.evaluate(bag)
+    except EvaluationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(format_value(value)))
+    return 0
+
+
+def _adapters(args: argparse.Namespace) -> int:
+    from mixerhub import registry
+
+    reg = registry.default_registry()
+    width = max((len(name) for name in reg.adapters), default=0)
+    for info in reg.adapters.values():
+        print(f"{info.name:<{width}}  {','.join(info.templates):<30}  {info.description}")
+    for problem in reg.problems:
+        print(f"left out: {problem}", file=sys.stderr)
+    return 0
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    try:
+        options = bootstrap.options_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(bootstrap.render_yaml(options))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The hub process: every gRPC service on one port, the HTTP port, the config store, shutdown.
+
+One grpc.aio server on uvloop carries the standard health service, server reflection and the
+Envoy-facing services (ext_authz, access logs, rate limits). SIGTERM or SIGINT drains: health
+turns NOT_SERVING, in-flight calls get ``drain_seconds`` to finish, then adapters are closed
+(flushing what they queued) and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from mixerhub import admin
+from mixerhub.access_log import AccessLogService
+from mixerhub.ext_authz import AuthorizationService
+from mixerhub.rate_limit import RateLimitService
+from mixerhub.registry import Registry
+from mixerhub.store.watch import ConfigStore
+
+log = logging.getLogger("mixerhub")
+
+_SERVICES = (
+    external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
+    als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
+    rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
+)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    config: Sequence[str]
+    address: str = "127.0.0.1"
+    grpc_port: int = 9091
+    http_port: int = 15014
+    poll_interval: float = 1.0
+    drain_seconds: float = 5.0
+
+
+class Hub:
+    def __init__(self, options: ServeOptions, registry: Registry) -> None:
+        self.options = options
+        self.registry = registry
+        self.store = ConfigStore(options.config, registry, poll_interval=options.poll_interval)
+        self.health = health_aio.HealthServicer()
+        self.grpc = grpc.aio.server(
+            options=[
+                # Envoy sends headers that may be large; bound what one message may cost.
+                ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self._http: web.AppRunner | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        o = self.options
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            AuthorizationService(), self.grpc
+        )
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogService(), self.grpc)
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(), self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (
+                *_SERVICES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.grpc,
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.grpc.add_insecure_port(f"{o.address}:{o.grpc_port}")
+        await self.grpc.start()
+
+        self._http = web.AppRunner(admin.application(self.store, self.registry), access_log=None)
+        await self._http.setup()
+        await web.TCPSite(self._http, o.address, o.http_port).start()
+
+        self.store.subscribe(lambda _: asyncio.ensure_future(self._serving()))
+        await self.store.load()
+        self._watch = asyncio.create_task(self.store.run())
+        log.info(
+            "mixerhub serving gRPC on %s:%d and HTTP on %s:%d (config: %s)",
+            o.address, o.grpc_port, o.address, o.http_port, ", ".join(o.config),
+        )  # fmt: skip
+
+    async def stop(self) -> None:
+        log.info("draining for up to %.1fs", self.options.drain_seconds)
+        await self.health.enter_graceful_shutdown()
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self.grpc.stop(self.options.drain_seconds)
+        if self._http is not None:
+            await self._http.cleanup()
+        await self.store.close()
+        log.info("stopped")
+
+    async def _serving(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *_SERVICES):
+            await self.health.set(name, status)
+
+
+async def run(options: ServeOptions, registry: Registry) -> int:
+    hub = Hub(options, registry)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await hub.start()
+    except Exception:
+        log.exception("cannot start")
+        await hub.stop()
+        return 1
+    await stop.wait()
+    await hub.stop()
+    return 0

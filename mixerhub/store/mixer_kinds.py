@@ -1,0 +1,456 @@
+"""Mixer's config kinds (config.istio.io/v1alpha2): attributemanifest, handler, instance, rule.
+
+Istio 1.4's own telemetry and policy configuration loads unchanged. The shapes follow istio/api
+policy/v1beta1 (cfg.proto, value_type.proto); older per-adapter and per-template kinds
+(``kind: stdio``, ``kind: logentry``) are read as handlers and instances, as Mixer did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any, Literal
+
+from pydantic import Field
+
+from mixerhub.adapter import InstanceSpec
+from mixerhub.attributes import ValueType
+from mixerhub.expression import Expression, ExpressionError, compile_expression
+from mixerhub.snapshot import (
+    BuiltHandler,
+    CompiledAction,
+    CompiledInstance,
+    CompiledRule,
+    HeaderOperation,
+)
+from mixerhub.store.compilation import Compilation, HandlerDeclaration, Ref, resolve
+from mixerhub.store.documents import Document
+from mixerhub.store.errors import join_path
+from mixerhub.store.kinds import Kind
+from mixerhub.templates import TEMPLATES, TemplateField, snake_case
+from mixerhub.types import Bag, Params
+
+GROUP = "config.istio.io"
+VERSIONS = ("v1alpha2",)
+
+
+# --- attributemanifest -------------------------------------------------------------------------
+
+
+class AttributeInfo(Params):
+    description: str = ""
+    # Checked by the compile step, attribute by attribute, so one bad type hides no other error.
+    value_type: str
+
+
+class AttributeManifestSpec(Params):
+    revision: str = ""
+    name: str = ""
+    attributes: dict[str, AttributeInfo] = Field(default_factory=dict)
+
+
+def compile_manifest(doc: Document, spec: AttributeManifestSpec, c: Compilation) -> None:
+    origin = f"{doc.file}: document {doc.index}"
+    for name, info in spec.attributes.items():
+        try:
+            declared = ValueType.parse(info.value_type)
+        except ValueError as e:
+            c.error(doc, join_path("spec", "attributes", name, "valueType"), str(e))
+            continue
+        known = c.attributes.get(name)
+        if known is not None and known != declared:
+            c.error(
+                doc,
+                join_path("spec", "attributes", name, "valueType"),
+                f"{name!r} is {declared.name} here but {known.name} in {c.attribute_origin[name]}",
+            )
+            continue
+        c.attributes.setdefault(name, declared)
+        c.attribute_origin.setdefault(name, origin)
+
+
+# --- handler -----------------------------------------------------------------------------------
+
+
+class HandlerSpec(Params):
+    compiled_adapter: str = ""
+    adapter: str = ""
+    params: dict[str, Any] | None = None
+    connection: dict[str, Any] | None = None
+
+
+def compile_handler(doc: Document, spec: HandlerSpec, c: Compilation) -> None:
+    problem: tuple[str, str] | None = None
+    if spec.adapter or spec.connection is not None:
+        field = "spec.adapter" if spec.adapter else "spec.connection"
+        problem = field, "out-of-process adapters are not supported; use compiledAdapter"
+    elif not spec.compiled_adapter:
+        problem = "spec.compiledAdapter", "required field is missing"
+    elif spec.compiled_adapter not in c.registry.adapters:
+        known = ", ".join(c.registry.adapters)
+        problem = (
+            "spec.compiledAdapter",
+            f"unknown adapter {spec.compiled_adapter!r}; known: {known}",
+        )
+    if problem is not None:
+        c.error(doc, *problem)
+        c.mark_broken("handler", doc)
+        return
+    if not c.claim("handler", doc):
+        return
+    c.handlers[Ref(doc.name, doc.namespace)] = HandlerDeclaration(
+        doc, spec.compiled_adapter, spec.params or {}, f"{doc.name}.{doc.kind}.{doc.namespace}"
+    )
+
+
+# --- instance ----------------------------------------------------------------------------------
+
+
+class InstanceDocSpec(Params):
+    compiled_template: str = ""
+    template: str = ""
+    params: dict[str, Any] | None = None
+    attribute_bindings: dict[str, str] | None = None
+
+
+def compile_instance(doc: Document, spec: InstanceDocSpec, c: Compilation) -> None:
+    template = TEMPLATES.get(spec.compiled_template)
+    problem: tuple[str, str] | None = None
+    if spec.template:
+        problem = (
+            "spec.template",
+            "out-of-process templates are not supported; use compiledTemplate",
+        )
+    elif spec.attribute_bindings is not None:
+        problem = (
+            "spec.attributeBindings",
+            "attribute-producing templates are not supported: the hub derives workload"
+            " attributes from Envoy's node metadata itself",
+        )
+    elif template is None:
+        known = ", ".join(TEMPLATES)
+        problem = (
+            "spec.compiledTemplate",
+            (
+                f"unknown template {spec.compiled_template!r}; known: {known}"
+                if spec.compiled_template
+                else "required field is missing"
+            ),
+        )
+    if problem is not None or template is None:
+        c.error(doc, *(problem or ("spec.compiledTemplate", "required field is missing")))
+        c.mark_broken("instance", doc)
+        return
+    if not c.claim("instance", doc):
+        return
+    full_name = f"{doc.name}.{doc.kind}.{doc.namespace}"
+    fields = _FieldCompiler(doc, c)
+    build = fields.message(
+        template.fields, template.instance, spec.params or {}, ("spec", "params")
+    )
+    if fields.failed:
+        c.mark_broken("instance", doc)
+        return
+
+    def build_instance(bag: Bag, _build: Callable[[Bag, str], Any] = build) -> Any:
+        return _build(bag, full_name)
+
+    c.instances[Ref(doc.name, doc.namespace)] = CompiledInstance(
+        full_name,
+        template,
+        InstanceSpec(full_name, template.name, fields.types),
+        build_instance,
+        frozenset(fields.referenced),
+        fields.sources,
+    )
+
+
+class _FieldCompiler:
+    """Compiles an instance's params, one expression per template field, into a builder."""
+
+    def __init__(self, doc: Document, c: Compilation) -> None:
+        self.doc, self.c = doc, c
+        self.failed = False
+        self.types: dict[str, ValueType] = {}
+        self.sources: dict[str, str] = {}
+        self.referenced: set[str] = set()
+
+    def message(
+        self,
+        fields: tuple[TemplateField, ...],
+        cls: type[Any],
+        params: Mapping[str, Any],
+        path: tuple[str, ...],
+        prefix: str = "",
+    ) -> Callable[[Bag, str], Any]:
+        """A function (bag, instance name) -> instance of cls; messages nested below get no name."""
+        by_name = {f.name: f for f in fields}
+        scalars: list[tuple[str, Callable[[Bag], object]]] = []
+        maps: list[tuple[str, tuple[tuple[str, Callable[[Bag], object]], ...]]] = []
+        messages: list[tuple[str, Callable[[Bag, str], Any]]] = []
+        for key, value in params.items():
+            f = by_name.get(snake_case(str(key)))
+            if f is None:
+                self._fail(
+                    join_path(*path, str(key)),
+                    f"no such field in this template; fields: {', '.join(by_name) or 'none'}",
+                )
+                continue
+            field_path = (*path, str(key))
+            name = prefix + f.name
+            if f.fields:
+                if not isinstance(value, dict):
+                    self._fail(join_path(*field_path), "must be a mapping of its fields")
+                    continue
+                sub_cls = _message_class(cls, f.name)
+                messages.append(
+                    (f.name, self.message(f.fields, sub_cls, value, field_path, name + "."))
+                )
+            elif f.is_map:
+                if not isinstance(value, dict):
+                    self._fail(join_path(*field_path), "must be a mapping of name to expression")
+                    continue
+                entries = []
+                for k, text in value.items():
+                    ev = self.expression(text, f.type, (*field_path, str(k)), f"{name}.{k}")
+                    if ev is not None:
+                        entries.append((str(k), ev))
+                maps.append((f.name, tuple(entries)))
+            else:
+                ev = self.expression(value, f.type, field_path, name, f.also)
+                if ev is not None:
+                    scalars.append((f.name, ev))
+        return _builder(cls, tuple(scalars), tuple(maps), tuple(messages), named=not prefix)
+
+    def expression(
+        self,
+        text: object,
+        expected: ValueType,
+        path: tuple[str, ...],
+        type_key: str,
+        also: frozenset[ValueType] = frozenset(),
+    ) -> Callable[[Bag], object] | None:
+        source = _expression_text(text)
+        if source is None:
+            self._fail(
+                join_path(*path), f"must be an expression (a string), not {type(text).__name__}"
+            )
+            return None
+        try:
+            expr = compile_expression(source, self.c.attributes, expected)
+        except ExpressionError as e:
+            expr = _also(source, self.c.attributes, also)
+            if expr is None:
+                self._fail(join_path(*path), f"{e} in {source!r}")
+                return None
+        self.types[type_key] = expr.result_type
+        self.sources[type_key] = source
+        self.referenced |= expr.referenced
+        return expr.evaluate
+
+    def _fail(self, path: str, reason: str) -> None:
+        self.failed = True
+        self.c.error(self.doc, path, reason)
+
+
+def _also(
+    source: str, attributes: Mapping[str, ValueType], also: frozenset[ValueType]
+) -> Expression | None:
+    """The expression, if its type is one of the field's other accepted types."""
+    if not also:
+        return None
+    try:
+        expr = compile_expression(source, attributes)
+    except ExpressionError:
+        return None
+    return expr if expr.result_type in also else None
+
+
+def _expression_text(value: object) -> str | None:
+    # YAML turns `value: 1` or `value: true` into numbers and booleans; they are the same literals.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str) and value.strip():
+        return value
+    return None
+
+
+def _message_class(instance_cls: type[Any], field_name: str) -> type[Any]:
+    for template in TEMPLATES.values():
+        if template.instance is instance_cls:
+            return template.messages[field_name]
+    raise LookupError(f"{instance_cls.__name__} has no message field {field_name}")
+
+
+def _builder(
+    cls: type[Any],
+    scalars: tuple[tuple[str, Callable[[Bag], object]], ...],
+    maps: tuple[tuple[str, tuple[tuple[str, Callable[[Bag], object]], ...]], ...],
+    messages: tuple[tuple[str, Callable[[Bag, str], Any]], ...],
+    named: bool,
+) -> Callable[[Bag, str], Any]:
+    def build(bag: Bag, name: str) -> Any:
+        values: dict[str, Any] = {f: ev(bag) for f, ev in scalars}
+        for f, entries in maps:
+            values[f] = {k: ev(bag) for k, ev in entries}
+        for f, sub in messages:
+            values[f] = sub(bag, name)
+        return cls(name, **values) if named else cls(**values)
+
+    return build
+
+
+# --- rule --------------------------------------------------------------------------------------
+
+
+class ActionSpec(Params):
+    handler: str
+    instances: list[str] = Field(default_factory=list)
+    name: str = ""
+
+
+class HeaderOperationSpec(Params):
+    name: str
+    values: list[str] = Field(default_factory=list)
+    operation: Literal["REPLACE", "REMOVE", "APPEND"] = "REPLACE"
+
+
+class RuleSpec(Params):
+    match: str = ""
+    actions: list[ActionSpec] = Field(default_factory=list)
+    request_header_operations: list[HeaderOperationSpec] = Field(default_factory=list)
+    response_header_operations: list[HeaderOperationSpec] = Field(default_factory=list)
+
+
+def compile_rule(doc: Document, spec: RuleSpec, c: Compilation) -> None:
+    if not c.claim("rule", doc):
+        return
+    failed = False
+
+    def fail(path: str, reason: str) -> None:
+        nonlocal failed
+        failed = True
+        c.error(doc, path, reason)
+
+    def expression(source: str, expected: ValueType, path: str) -> Expression | None:
+        try:
+            return compile_expression(source, c.attributes, expected)
+        except ExpressionError as e:
+            fail(path, f"{e} in {source!r}")
+            return None
+
+    match = expression(spec.match, ValueType.BOOL, "spec.match") if spec.match.strip() else None
+    referenced: set[str] = set(match.referenced) if match else set()
+    planned: list[tuple[str, Ref, tuple[Ref, ...]]] = []
+    action_names: set[str] = set()
+    for i, action in enumerate(spec.actions):
+        path = ("spec", "actions", i)
+        if action.name and action.name in action_names:
+            fail(join_path(*path, "name"), f"duplicate action name {action.name!r} in this rule")
+        action_names.add(action.name)
+        handler_ref, why = resolve(
+            action.handler, doc.namespace, c.handlers, lambda h: ("handler", h.document.kind)
+        )
+        declaration = c.handlers.get(handler_ref) if handler_ref else None
+        if handler_ref is None or declaration is None:
+            if c.is_broken("handler", action.handler, doc.namespace):
+                failed = True  # its own error says why; a second one here would be noise
+            else:
+                fail(join_path(*path, "handler"), f"unknown handler: {why}")
+        if not action.instances:
+            fail(join_path(*path, "instances"), "an action needs at least one instance")
+        refs: list[Ref] = []
+        for j, name in enumerate(action.instances):
+            ref, why = resolve(
+                name, doc.namespace, c.instances, lambda i: ("instance", i.template.name)
+            )
+            if ref is None:
+                if c.is_broken("instance", name, doc.namespace):
+                    failed = True
+                else:
+                    fail(join_path(*path, "instances", j), f"unknown instance: {why}")
+                continue
+            instance = c.instances[ref]
+            referenced |= instance.referenced
+            refs.append(ref)
+            if declaration is not None and not c.registry.supports(
+                declaration.adapter, instance.template.name
+            ):
+                supported = ", ".join(c.registry.adapters[declaration.adapter].templates)
+                fail(
+                    join_path(*path, "instances", j),
+                    f"handler {declaration.display} (adapter {declaration.adapter}) does not"
+                    f" support template {instance.template.name!r}; it supports {supported}",
+                )
+        if handler_ref is not None and declaration is not None:
+            planned.append((action.name, handler_ref, tuple(refs)))
+
+    def operations(specs: list[HeaderOperationSpec], field: str) -> tuple[HeaderOperation, ...]:
+        out = []
+        for i, op in enumerate(specs):
+            values = []
+            for j, text in enumerate(op.values):
+                expr = expression(text, ValueType.STRING, join_path("spec", field, i, "values", j))
+                if expr is not None:
+                    values.append(expr)
+                    referenced.update(expr.referenced)
+            if op.operation == "REMOVE" and op.values:
+                fail(join_path("spec", field, i, "values"), "REMOVE takes no values")
+            out.append(HeaderOperation(op.name, tuple(values), op.operation))
+        return tuple(out)
+
+    request_ops = operations(spec.request_header_operations, "requestHeaderOperations")
+    response_ops = operations(spec.response_header_operations, "responseHeaderOperations")
+    if failed:
+        return
+    for _, handler_ref, refs in planned:
+        specs = c.handler_instances.setdefault(handler_ref, {})
+        for ref in refs:
+            specs[c.instances[ref].name] = c.instances[ref].spec
+    instances = dict(c.instances)
+    full_name = f"{doc.name}.{doc.kind}.{doc.namespace}"
+
+    def link(built: Mapping[Ref, BuiltHandler]) -> CompiledRule:
+        actions = tuple(
+            CompiledAction(name, built[h], tuple(instances[r] for r in refs))
+            for name, h, refs in planned
+        )
+        return CompiledRule(
+            full_name,
+            doc.namespace,
+            match,
+            actions,
+            request_ops,
+            response_ops,
+            frozenset(referenced),
+        )
+
+    c.rule_plans.append(link)
+
+
+# --- the kinds, and the older per-adapter / per-template spellings ----------------------------
+
+ATTRIBUTE_MANIFEST = Kind(
+    GROUP, VERSIONS, "attributemanifest", AttributeManifestSpec, 0, compile_manifest
+)
+HANDLER = Kind(GROUP, VERSIONS, "handler", HandlerSpec, 10, compile_handler)
+INSTANCE = Kind(GROUP, VERSIONS, "instance", InstanceDocSpec, 20, compile_instance)
+RULE = Kind(GROUP, VERSIONS, "rule", RuleSpec, 30, compile_rule)
+KINDS = (ATTRIBUTE_MANIFEST, HANDLER, INSTANCE, RULE)
+
+
+def legacy_kind(doc: Document, adapters: Mapping[str, object]) -> tuple[Document, Kind[Any]] | None:
+    """``kind: stdio`` (an adapter's name) is a handler; ``kind: logentry`` (a template's) an
+    instance: the spellings of Istio before 1.1. The document keeps its kind for display
+    (``handler.stdio.istio-system``); None when the kind is neither."""
+    if doc.api_version.rpartition("/")[0] != GROUP:
+        return None
+    if doc.kind in adapters:
+        spec = {"compiledAdapter": doc.kind, "params": dict(doc.spec)}
+        return replace(doc, spec=spec), HANDLER
+    if doc.kind in TEMPLATES:
+        spec = {"compiledTemplate": doc.kind, "params": dict(doc.spec)}
+        return replace(doc, spec=spec), INSTANCE
+    return None

@@ -1,0 +1,119 @@
+"""stdio: logentry and metric instances as lines, in Mixer's shapes."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import logging
+from pathlib import Path
+
+from mixerhub.adapters.stdio import INFO, StdioHandler, StdioParams
+from prometheus_client import CollectorRegistry
+
+from mixerhub.adapter import Env, ExportResult
+from mixerhub.monitoring import REGISTRY
+from mixerhub.templates import LogEntryInstance, MetricInstance
+
+AT = datetime.datetime(2026, 11, 25, 12, 0, 0, 500000, tzinfo=datetime.UTC)
+
+
+def handler(**params: object) -> StdioHandler:
+    env = Env("stdio", "h.handler.ns", logging.getLogger("test"), CollectorRegistry())
+    built = INFO.build(StdioParams.model_validate(params), {}, env)
+    assert isinstance(built, StdioHandler)
+    return built
+
+
+def entry(severity: str = "Info", **variables: object) -> LogEntryInstance:
+    return LogEntryInstance("accesslog.instance.istio-system", variables, AT, severity)
+
+
+async def lines_of(h: StdioHandler, path: Path) -> list[str]:
+    await h.close()
+    return path.read_text().splitlines()
+
+
+async def test_logentries_as_json_lines(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    h = handler(outputPath=str(out))
+    result = h.handle_logentry(
+        [
+            entry(
+                responseCode=200,
+                latency=datetime.timedelta(milliseconds=1.5),
+                sourceIp=ipaddress.ip_address("10.0.0.1"),
+                labels={"app": "web"},
+            )
+        ]
+    )
+    assert result is ExportResult.SUCCESS
+    (line,) = await lines_of(h, out)
+    assert json.loads(line) == {
+        "level": "info",
+        "time": "2026-11-25T12:00:00.500000Z",
+        "instance": "accesslog.instance.istio-system",
+        "responseCode": 200,
+        "latency": "1.5ms",
+        "sourceIp": "10.0.0.1",
+        "labels": {"app": "web"},
+    }
+
+
+async def test_text_lines_and_severity_levels(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    h = handler(outputPath=str(out), output_as_json=False, outputLevel="WARNING")
+    h.handle_logentry([entry("Info", a=1), entry("warning", b=2), entry("ERR", c=3), entry("odd")])
+    lines = await lines_of(h, out)
+    assert lines == [
+        '2026-11-25T12:00:00.500000Z\twarn\taccesslog.instance.istio-system\t{"b": 2}',
+        '2026-11-25T12:00:00.500000Z\terror\taccesslog.instance.istio-system\t{"c": 3}',
+    ]
+
+
+async def test_metrics_with_value_and_dimensions(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    h = handler(outputPath=str(out))
+    h.handle_metric(
+        [MetricInstance("requestcount.instance.istio-system", 1, {"response_code": 404})]
+    )
+    (line,) = await lines_of(h, out)
+    record = json.loads(line)
+    assert record["instance"] == "requestcount.instance.istio-system"
+    assert (record["level"], record["value"], record["response_code"]) == ("info", 1, 404)
+    h = handler(outputPath=str(out), metricLevel="INFO", outputLevel="ERROR")
+    h.handle_metric([MetricInstance("m", 1)])
+    assert len(await lines_of(h, out)) == 1  # below the output level: nothing more written
+
+
+async def test_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
+    h = handler(outputPath=str(tmp_path / "out.log"), queue_size=1)
+    before = (
+        REGISTRY.get_sample_value(
+            "mixerhub_adapter_dropped_total", {"adapter": "stdio", "reason": "queue_full"}
+        )
+        or 0.0
+    )
+    results = [h.handle_logentry([entry(n=n) for n in range(50)]) for _ in range(20)]
+    await h.close()
+    after = REGISTRY.get_sample_value(
+        "mixerhub_adapter_dropped_total", {"adapter": "stdio", "reason": "queue_full"}
+    )
+    written = len((tmp_path / "out.log").read_text().splitlines())
+    assert ExportResult.FAILURE in results
+    assert after is not None
+    assert after - before == 1000 - written
+    assert written >= 1
+
+
+async def test_files_rotate_by_size(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    h = handler(outputPath=str(out), maxMegabytesBeforeRotation=1, maxRotatedFiles=2)
+    big = "x" * 200_000
+    for _ in range(15):
+        h.handle_logentry([entry(blob=big)])
+    await h.close()
+    assert (tmp_path / "out.log.1").exists()
+    assert (tmp_path / "out.log.2").exists()
+    assert not (tmp_path / "out.log.3").exists()
+    assert (tmp_path / "out.log.1").stat().st_size >= 1024 * 1024

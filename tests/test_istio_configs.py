@@ -1,0 +1,83 @@
+"""Istio 1.4's own Mixer configuration (tests/data/istio-1.4) loads unchanged.
+
+Some documents need adapters, templates or kinds that arrive with later work (prometheus and
+kubernetesenv with telemetry; listchecker and memquota with policy; redisquota, QuotaSpec and
+QuotaSpecBinding with quotas; DestinationRule with xDS). Each such error is listed here, exactly,
+so this test fails both when something else breaks and when one of them starts to load: then it
+comes off this list. A reference to a resource that failed is not reported again, so only the
+root causes are listed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mixerhub import registry
+from mixerhub.store import documents
+from mixerhub.store.compile import Rejected, compile_snapshot
+
+DATA = Path(__file__).parent / "data" / "istio-1.4"
+FIXTURES = sorted(p.relative_to(DATA).as_posix() for p in DATA.rglob("*.yaml"))
+
+# (file, kind/name, field path, start of reason) still expected to fail, and why.
+_ADAPTER = "spec.compiledAdapter", "unknown adapter"
+_TEMPLATE = "spec.compiledTemplate", "unknown template"
+NOT_YET = {
+    # telemetry issue: the prometheus adapter; kubernetesenv and its attribute-producing template
+    ("telemetry.yaml", "handler/prometheus", *_ADAPTER),
+    ("telemetry.yaml", "handler/kubernetesenv", *_ADAPTER),
+    ("telemetry.yaml", "instance/attributes", "spec.attributeBindings", "attribute-producing"),
+    ("policy/mixer-rule-additional-telemetry.yaml", "handler/prometheusdouble", *_ADAPTER),
+    ("policy/mixer-rule-kubernetesenv-telemetry.yaml", "handler/kubeenvhandler", *_ADAPTER),
+    # xDS issue: networking kinds
+    ("telemetry.yaml", "DestinationRule/istio-telemetry", "kind", "unknown kind"),
+    # policy issue: listchecker
+    ("policy/mixer-rule-deny-whitelist.yaml", "handler/whitelist", *_ADAPTER),
+    ("policy/mixer-rule-deny-ip.yaml", "handler/whitelistip", *_ADAPTER),
+    # quota issue: memquota, redisquota, QuotaSpec, QuotaSpecBinding
+    ("policy/mixer-rule-cnn-redis-quota-fixed-window.yaml", "handler/redishandler", *_ADAPTER),
+    ("policy/mixer-rule-cnn-redis-quota-fixed-window.yaml", "QuotaSpec/request-count", "kind", "unknown kind"),
+    ("policy/mixer-rule-cnn-redis-quota-fixed-window.yaml", "QuotaSpecBinding/request-count", "kind", "unknown kind"),
+    ("policy/mixer-rule-productpage-ratelimit.yaml", "handler/quotahandler", *_ADAPTER),
+    ("policy/mixer-rule-productpage-ratelimit.yaml", "QuotaSpec/request-count", "kind", "unknown kind"),
+    ("policy/mixer-rule-productpage-ratelimit.yaml", "QuotaSpecBinding/request-count", "kind", "unknown kind"),
+    ("policy/mixer-rule-productpage-redis-quota-fixed-window.yaml", "handler/redishandler", *_ADAPTER),
+    ("policy/mixer-rule-productpage-redis-quota-fixed-window.yaml", "QuotaSpec/request-count", "kind", "unknown kind"),
+    ("policy/mixer-rule-productpage-redis-quota-fixed-window.yaml", "QuotaSpecBinding/request-count", "kind", "unknown kind"),
+    ("policy/mixer-rule-productpage-redis-quota-rolling-window.yaml", "handler/redishandler", *_ADAPTER),
+    ("policy/mixer-rule-productpage-redis-quota-rolling-window.yaml", "QuotaSpec/request-count", "kind", "unknown kind"),
+    ("policy/mixer-rule-productpage-redis-quota-rolling-window.yaml", "QuotaSpecBinding/request-count", "kind", "unknown kind"),
+    ("policy/mixer-rule-ratings-ratelimit.yaml", "handler/quotahandler", *_ADAPTER),
+    ("policy/mixer-rule-ratings-ratelimit.yaml", "QuotaSpec/request-count", "kind", "unknown kind"),
+    ("policy/mixer-rule-ratings-ratelimit.yaml", "QuotaSpecBinding/request-count", "kind", "unknown kind"),
+    ("policy/mixer-rule-ratings-redis-quota-fixed-window.yaml", "handler/redishandler", *_ADAPTER),
+    ("policy/mixer-rule-ratings-redis-quota-fixed-window.yaml", "QuotaSpec/request-count", "kind", "unknown kind"),
+    ("policy/mixer-rule-ratings-redis-quota-fixed-window.yaml", "QuotaSpecBinding/request-count", "kind", "unknown kind"),
+    ("policy/mixer-rule-ratings-redis-quota-rolling-window.yaml", "handler/redishandler", *_ADAPTER),
+    ("policy/mixer-rule-ratings-redis-quota-rolling-window.yaml", "QuotaSpec/request-count", "kind", "unknown kind"),
+    ("policy/mixer-rule-ratings-redis-quota-rolling-window.yaml", "QuotaSpecBinding/request-count", "kind", "unknown kind"),
+    # never: out-of-process adapters (Mixer's gRPC adapters) are out of this project's scope
+    ("policy/prometheus-oop-rule.yaml", "handler/prometheus-handler", "spec.adapter", "out-of-process"),
+    ("policy/prometheus-oop-rule.yaml", "instance/requestcount-oop", "spec.template", "out-of-process"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_istio_config_loads(fixture: str) -> None:
+    source = documents.read([DATA / fixture])
+    assert source.documents, "fixture has no documents"
+    try:
+        compile_snapshot(source, registry.default_registry(), build_handlers=False)
+        errors: list[tuple[str, str, str, str]] = []
+    except Rejected as e:
+        errors = [(fixture, f"{err.kind}/{err.name}", err.path, err.reason) for err in e.errors]
+    unexpected = [
+        e for e in errors
+        if not any(e[:3] == n[:3] and e[3].startswith(n[3]) for n in NOT_YET)
+    ]  # fmt: skip
+    assert not unexpected, "\n".join(map(str, unexpected))
+    expected_here = {n for n in NOT_YET if n[0] == fixture}
+    seen = {n for n in expected_here for e in errors if e[:3] == n[:3] and e[3].startswith(n[3])}
+    assert seen == expected_here, f"now loading, take off NOT_YET: {expected_here - seen}"
