@@ -1,1 +1,4 @@
-"""Configuration shipped with mixerhub: default/ is what `mixerhub serve` runs; examples/ shows more."""
+"""Configuration shipped with mixerhub.
+
+default/ is what `mixerhub serve` runs; examples/ shows more.
+"""

@@ -49,7 +49,8 @@ class ValueType(enum.Enum):
             return cls[name]
         except KeyError:
             raise ValueError(
-                f"unknown value type {name!r}; expected one of {', '.join(m.name for m in list(cls)[1:])}"
+                f"unknown value type {name!r}; expected one of"
+                f" {', '.join(m.name for m in list(cls)[1:])}"
             ) from None
 
 

@@ -29,6 +29,7 @@ from mixerhub.access_log import AccessLogService
 from mixerhub.ext_authz import AuthorizationService
 from mixerhub.rate_limit import RateLimitService
 from mixerhub.registry import Registry
+from mixerhub.snapshot import Snapshot
 from mixerhub.store.watch import ConfigStore
 
 log = logging.getLogger("mixerhub")
@@ -65,6 +66,7 @@ class Hub:
         )
         self._http: web.AppRunner | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         o = self.options
@@ -90,7 +92,7 @@ class Hub:
         await self._http.setup()
         await web.TCPSite(self._http, o.address, o.http_port).start()
 
-        self.store.subscribe(lambda _: asyncio.ensure_future(self._serving()))
+        self.store.subscribe(self._on_snapshot)
         await self.store.load()
         self._watch = asyncio.create_task(self.store.run())
         log.info(
@@ -111,8 +113,12 @@ class Hub:
         await self.store.close()
         log.info("stopped")
 
-    async def _serving(self) -> None:
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        # A valid configuration is active: the services are SERVING (it stays so on later
+        # rejections, since the last good configuration keeps serving).
+        task = asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.SERVING))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _set_health(self, status: int) -> None:
         for name in ("", *_SERVICES):

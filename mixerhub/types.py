@@ -58,6 +58,20 @@ Duration = Annotated[
 ]
 
 
+def expression_text(value: object) -> object:
+    """YAML reads ``match: true`` or ``value: 1`` as a boolean or a number; as expressions they
+    are the same literals, so they are taken as their text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return value
+
+
+# A configuration field that holds an expression (compiled later, against the attribute manifest).
+ExpressionText = Annotated[str, BeforeValidator(expression_text)]
+
+
 class Params(BaseModel):
     """Base for adapter params and config specs.
 

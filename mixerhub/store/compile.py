@@ -140,21 +140,21 @@ def _build_handlers(c: Compilation) -> tuple[dict[Ref, BuiltHandler], list[Handl
         if params is None:
             continue
         instances = c.handler_instances.get(ref, {})
-        problems = list(info.validate(params, instances))
-        for p in problems:
-            c.error(decl.document, join_path("spec", "params", p.path), p.reason)
-        if not problems:
+        field_errors = list(info.validate(params, instances))
+        for fe in field_errors:
+            c.error(decl.document, join_path("spec", "params", fe.path), fe.reason)
+        if not field_errors:
             validated.append((ref, decl, info, params))
 
     built: dict[Ref, BuiltHandler] = {}
     fresh: list[Handler] = []
     previous = c.previous.handlers if c.previous else {}
     for ref, decl, info, params in validated:
-        instances = c.handler_instances.get(ref)
-        if instances is None or not c.build_handlers or c.errors:
+        routed = c.handler_instances.get(ref)
+        if routed is None or not c.build_handlers or c.errors:
             built[ref] = BuiltHandler(decl.display, info, params, None, "")
             continue
-        signature = _signature(info, params, instances)
+        signature = _signature(info, params, routed)
         old = previous.get(decl.display)
         if old is not None and old.signature == signature and old.handler is not None:
             built[ref] = old
@@ -163,7 +163,7 @@ def _build_handlers(c: Compilation) -> tuple[dict[Ref, BuiltHandler], list[Handl
             info.name, decl.display, logging.getLogger(f"mixerhub.adapter.{info.name}"), REGISTRY
         )
         try:
-            handler = info.build(params, instances, env)
+            handler = info.build(params, routed, env)
         except Exception as e:  # an adapter's build may fail in any way; it is a config error
             log.exception("adapter %s failed to build %s", info.name, decl.display)
             c.error(decl.document, "spec.params", f"adapter {info.name} could not build: {e}")

@@ -28,7 +28,7 @@ from mixerhub.store.documents import Document
 from mixerhub.store.errors import join_path
 from mixerhub.store.kinds import Kind
 from mixerhub.templates import TEMPLATES, TemplateField, snake_case
-from mixerhub.types import Bag, Params
+from mixerhub.types import Bag, ExpressionText, Params, expression_text
 
 GROUP = "config.istio.io"
 VERSIONS = ("v1alpha2",)
@@ -236,6 +236,7 @@ class _FieldCompiler:
                 join_path(*path), f"must be an expression (a string), not {type(text).__name__}"
             )
             return None
+        expr: Expression | None
         try:
             expr = compile_expression(source, self.c.attributes, expected)
         except ExpressionError as e:
@@ -267,14 +268,8 @@ def _also(
 
 
 def _expression_text(value: object) -> str | None:
-    # YAML turns `value: 1` or `value: true` into numbers and booleans; they are the same literals.
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str) and value.strip():
-        return value
-    return None
+    text = expression_text(value)
+    return text if isinstance(text, str) and text.strip() else None
 
 
 def _message_class(instance_cls: type[Any], field_name: str) -> type[Any]:
@@ -313,12 +308,12 @@ class ActionSpec(Params):
 
 class HeaderOperationSpec(Params):
     name: str
-    values: list[str] = Field(default_factory=list)
+    values: list[ExpressionText] = Field(default_factory=list)
     operation: Literal["REPLACE", "REMOVE", "APPEND"] = "REPLACE"
 
 
 class RuleSpec(Params):
-    match: str = ""
+    match: ExpressionText = ""
     actions: list[ActionSpec] = Field(default_factory=list)
     request_header_operations: list[HeaderOperationSpec] = Field(default_factory=list)
     response_header_operations: list[HeaderOperationSpec] = Field(default_factory=list)
@@ -405,17 +400,17 @@ def compile_rule(doc: Document, spec: RuleSpec, c: Compilation) -> None:
     response_ops = operations(spec.response_header_operations, "responseHeaderOperations")
     if failed:
         return
-    for _, handler_ref, refs in planned:
+    for _, handler_ref, routed in planned:
         specs = c.handler_instances.setdefault(handler_ref, {})
-        for ref in refs:
+        for ref in routed:
             specs[c.instances[ref].name] = c.instances[ref].spec
     instances = dict(c.instances)
     full_name = f"{doc.name}.{doc.kind}.{doc.namespace}"
 
     def link(built: Mapping[Ref, BuiltHandler]) -> CompiledRule:
         actions = tuple(
-            CompiledAction(name, built[h], tuple(instances[r] for r in refs))
-            for name, h, refs in planned
+            CompiledAction(name, built[h], tuple(instances[r] for r in action_refs))
+            for name, h, action_refs in planned
         )
         return CompiledRule(
             full_name,

@@ -73,6 +73,7 @@ class ConfigStore:
             self._fingerprint = fingerprint
             source = await asyncio.to_thread(documents.read, self.paths)
             if self.snapshot is not None and source.digest == self.snapshot.version:
+                self.rejected = None  # back to what is active: the bad change is gone
                 return False
             if self.rejected is not None and source.digest == self.rejected.digest:
                 return False  # the same bad bytes again: already reported

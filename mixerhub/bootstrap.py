@@ -1,0 +1,462 @@
+"""A static Envoy v3 bootstrap that puts the hub in Envoy's request path.
+
+Envoy fronts one upstream service and calls the hub, over the hub's single gRPC port, three ways:
+``envoy.filters.http.ext_authz`` (Check), ``envoy.filters.http.ratelimit`` (ShouldRateLimit) and the
+``envoy.access_loggers.http_grpc`` access logger (StreamAccessLogs). The workload Envoy stands in
+for is described twice: in the node metadata, with the keys Istio's proxies send (NAMESPACE,
+WORKLOAD_NAME, LABELS, SERVICE_ACCOUNT), and in each ext_authz / rate-limit call's gRPC initial
+metadata, because Check and ShouldRateLimit requests do not carry the node.
+
+Field names follow the v3 protos (``envoy.config.bootstrap.v3.Bootstrap`` and the typed configs
+named by each ``@type``); ``envoy --mode validate`` accepts the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import yaml
+
+HUB_CLUSTER = "mixerhub"
+UPSTREAM_CLUSTER = "upstream"
+STAT_PREFIX = "inbound"
+ACCESS_LOG_NAME = "mixerhub"
+
+# gRPC initial metadata on every Check and ShouldRateLimit call: who is asking.
+WORKLOAD_HEADER = "x-mixerhub-workload"
+NAMESPACE_HEADER = "x-mixerhub-namespace"
+LABELS_HEADER = "x-mixerhub-labels"
+SERVICE_ACCOUNT_HEADER = "x-mixerhub-service-account"
+
+# Trace context Envoy does not log on its own (request_id is already a field of the entry).
+TRACE_HEADERS = ("x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "traceparent")
+
+_TYPE = "type.googleapis.com/"
+_HCM_TYPE = (
+    _TYPE + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+_EXT_AUTHZ_TYPE = _TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+_RATELIMIT_TYPE = _TYPE + "envoy.extensions.filters.http.ratelimit.v3.RateLimit"
+_ROUTER_TYPE = _TYPE + "envoy.extensions.filters.http.router.v3.Router"
+_HTTP_GRPC_LOG_TYPE = _TYPE + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
+_HTTP_OPTIONS_TYPE = _TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+# Label keys and values go into one header value, "k=v,k2=v2": the separators cannot appear in
+# them, nor can anything a header value may not hold.
+_LABEL_PART = re.compile(r"[^,=\s\x00-\x1f\x7f]+")
+# DNS-1123-ish names, plus "_" and "." which Envoy and Istio tolerate in node ids and headers.
+_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
+_MAX_PORT = 65535
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The workload Envoy stands in for, in Istio's terms."""
+
+    name: str = "unknown"
+    namespace: str = "default"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    service_account: str = "default"
+
+    def __post_init__(self) -> None:
+        _check_name("workload.name", self.name)
+        _check_name("workload.namespace", self.namespace)
+        _check_name("workload.service_account", self.service_account)
+        for key, value in self.labels.items():
+            _check_label("workload.labels", key, value)
+
+    @property
+    def labels_header(self) -> str:
+        """The labels as one header value: ``k=v,k2=v2``, sorted by key."""
+        return ",".join(f"{key}={self.labels[key]}" for key in sorted(self.labels))
+
+
+@dataclass(frozen=True)
+class BootstrapOptions:
+    """Everything :func:`static_bootstrap` needs; ports are loopback TCP ports."""
+
+    upstream: tuple[str, int]
+    listen_port: int = 10000
+    admin_port: int = 15000  # Istio's proxy admin port
+    hub: tuple[str, int] = ("127.0.0.1", 9091)
+    workload: Workload = field(default_factory=Workload)
+    node_id: str | None = None
+    ratelimit_domain: str = "mixerhub"
+    listen_address: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        _check_port("listen_port", self.listen_port)
+        _check_port("admin_port", self.admin_port)
+        _check_endpoint("upstream", self.upstream)
+        _check_endpoint("hub", self.hub)
+        _check_ip("listen_address", self.listen_address)
+        if not self.ratelimit_domain:
+            raise ValueError("ratelimit_domain: must not be empty")
+        if self.node_id is not None and not self.node_id:
+            raise ValueError("node_id: must not be empty (leave it unset for the default)")
+
+    @property
+    def resolved_node_id(self) -> str:
+        """The node id Envoy reports; by default in the shape of an Istio sidecar's."""
+        if self.node_id is not None:
+            return self.node_id
+        w = self.workload
+        return f"sidecar~127.0.0.1~{w.name}.{w.namespace}~{w.namespace}.svc.cluster.local"
+
+
+def static_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
+    """The complete Envoy bootstrap as plain data (JSON/YAML-ready)."""
+    workload = options.workload
+    return {
+        "node": {
+            "id": options.resolved_node_id,
+            "cluster": workload.name,
+            # The keys istio-agent puts in a sidecar's node metadata.
+            "metadata": {
+                "NAMESPACE": workload.namespace,
+                "WORKLOAD_NAME": workload.name,
+                "LABELS": dict(sorted(workload.labels.items())),
+                "SERVICE_ACCOUNT": workload.service_account,
+            },
+        },
+        "admin": {"address": _socket_address("127.0.0.1", options.admin_port)},
+        "static_resources": {
+            "listeners": [_listener(options)],
+            "clusters": [
+                _cluster(HUB_CLUSTER, options.hub, http2=True),
+                _cluster(UPSTREAM_CLUSTER, options.upstream, http2=False),
+            ],
+        },
+    }
+
+
+def render_yaml(options: BootstrapOptions) -> str:
+    """The bootstrap as YAML, for ``envoy -c``."""
+    return yaml.safe_dump(static_bootstrap(options), sort_keys=False)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``mixerhub bootstrap`` flags; :func:`options_from_args` reads them back."""
+    defaults = BootstrapOptions(upstream=("127.0.0.1", 8080))
+    parser.add_argument(
+        "--upstream", required=True, metavar="HOST:PORT", help="the service Envoy fronts"
+    )
+    parser.add_argument(
+        "--listen",
+        default=str(defaults.listen_port),
+        metavar="PORT",
+        help=f"Envoy's HTTP listener port (default {defaults.listen_port})",
+    )
+    parser.add_argument(
+        "--listen-address",
+        default=defaults.listen_address,
+        metavar="IP",
+        help=f"Envoy's HTTP listener address (default {defaults.listen_address})",
+    )
+    parser.add_argument(
+        "--admin-port",
+        default=str(defaults.admin_port),
+        metavar="PORT",
+        help=f"Envoy's admin port on 127.0.0.1 (default {defaults.admin_port})",
+    )
+    parser.add_argument(
+        "--hub",
+        default=_format_endpoint(defaults.hub),
+        metavar="HOST:PORT",
+        help=f"the hub's gRPC address (default {_format_endpoint(defaults.hub)})",
+    )
+    parser.add_argument("--workload", default=defaults.workload.name, metavar="NAME")
+    parser.add_argument("--namespace", default=defaults.workload.namespace, metavar="NS")
+    parser.add_argument("--labels", default="", metavar="k=v,k2=v2")
+    parser.add_argument(
+        "--service-account", default=defaults.workload.service_account, metavar="SA"
+    )
+    parser.add_argument(
+        "--node-id",
+        default=None,
+        metavar="ID",
+        help="default: sidecar~127.0.0.1~NAME.NS~NS.svc.cluster.local",
+    )
+    parser.add_argument("--ratelimit-domain", default=defaults.ratelimit_domain, metavar="DOMAIN")
+
+
+def options_from_args(args: argparse.Namespace) -> BootstrapOptions:
+    """Options from :func:`add_arguments`' flags; a bad value raises ValueError naming the flag."""
+    workload = Workload(
+        name=_with_flag("--workload", lambda: _check_name("", args.workload)),
+        namespace=_with_flag("--namespace", lambda: _check_name("", args.namespace)),
+        labels=_with_flag("--labels", lambda: parse_labels(args.labels)),
+        service_account=_with_flag(
+            "--service-account", lambda: _check_name("", args.service_account)
+        ),
+    )
+    return BootstrapOptions(
+        upstream=_with_flag("--upstream", lambda: parse_endpoint(args.upstream)),
+        listen_port=_with_flag("--listen", lambda: parse_port(args.listen)),
+        listen_address=_with_flag("--listen-address", lambda: _check_ip("", args.listen_address)),
+        admin_port=_with_flag("--admin-port", lambda: parse_port(args.admin_port)),
+        hub=_with_flag("--hub", lambda: parse_endpoint(args.hub)),
+        workload=workload,
+        node_id=None
+        if args.node_id is None
+        else _with_flag("--node-id", lambda: _non_empty(args.node_id)),
+        ratelimit_domain=_with_flag(
+            "--ratelimit-domain", lambda: _non_empty(args.ratelimit_domain)
+        ),
+    )
+
+
+def parse_port(text: str | int) -> int:
+    """A TCP port, 1 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a port number") from None
+    _check_port("", port)
+    return port
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` to (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, [ADDRESS]:PORT")
+    endpoint = (host, parse_port(port))
+    _check_endpoint("", endpoint)
+    return endpoint
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """``k=v,k2=v2`` to a dict; an empty string is no labels."""
+    labels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"label {item!r} is not key=value")
+        if key in labels:
+            raise ValueError(f"label {key!r} is given twice")
+        _check_label("", key, value)
+        labels[key] = value
+    return labels
+
+
+def _listener(options: BootstrapOptions) -> dict[str, Any]:
+    workload = options.workload
+    route = {
+        "cluster": UPSTREAM_CLUSTER,
+        # Descriptors the ratelimit filter sends: the workload alone, and the workload per client
+        # address (skipped by Envoy when the address is unknown).
+        "rate_limits": [
+            {"actions": [_workload_key(workload)]},
+            {"actions": [_workload_key(workload), {"remote_address": {}}]},
+        ],
+    }
+    hcm = {
+        "@type": _HCM_TYPE,
+        "stat_prefix": STAT_PREFIX,
+        "codec_type": "AUTO",
+        "generate_request_id": True,
+        # The peer's own address, not X-Forwarded-For, is what remote_address descriptors see, so
+        # a client cannot dodge a per-address limit by sending the header.
+        "use_remote_address": True,
+        "route_config": {
+            "name": "inbound",
+            "virtual_hosts": [
+                {
+                    "name": workload.name,
+                    "domains": ["*"],
+                    "routes": [
+                        {"match": {"prefix": "/"}, "route": route},
+                    ],
+                },
+            ],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.ext_authz",
+                "typed_config": {
+                    "@type": _EXT_AUTHZ_TYPE,
+                    "grpc_service": _hub_service(
+                        timeout="0.2s", initial_metadata=_identity_metadata(workload)
+                    ),
+                    "transport_api_version": "V3",
+                    "failure_mode_allow": False,
+                    "include_peer_certificate": True,
+                },
+            },
+            {
+                "name": "envoy.filters.http.ratelimit",
+                "typed_config": {
+                    "@type": _RATELIMIT_TYPE,
+                    "domain": options.ratelimit_domain,
+                    "timeout": "0.020s",
+                    "failure_mode_deny": False,
+                    "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+                    "rate_limit_service": {
+                        "grpc_service": _hub_service(initial_metadata=_identity_metadata(workload)),
+                        "transport_api_version": "V3",
+                    },
+                },
+            },
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER_TYPE}},
+        ],
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.http_grpc",
+                "typed_config": {
+                    "@type": _HTTP_GRPC_LOG_TYPE,
+                    "common_config": {
+                        "log_name": ACCESS_LOG_NAME,
+                        "grpc_service": _hub_service(),
+                        "transport_api_version": "V3",
+                        "buffer_flush_interval": "1s",
+                    },
+                    "additional_request_headers_to_log": list(TRACE_HEADERS),
+                },
+            }
+        ],
+    }
+    return {
+        "name": "inbound",
+        "address": _socket_address(options.listen_address, options.listen_port),
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            },
+        ],
+    }
+
+
+def _hub_service(
+    timeout: str | None = None, initial_metadata: list[dict[str, str]] | None = None
+) -> dict[str, Any]:
+    service: dict[str, Any] = {"envoy_grpc": {"cluster_name": HUB_CLUSTER}}
+    if timeout is not None:
+        service["timeout"] = timeout
+    if initial_metadata is not None:
+        service["initial_metadata"] = initial_metadata
+    return service
+
+
+def _identity_metadata(workload: Workload) -> list[dict[str, str]]:
+    return [
+        {"key": WORKLOAD_HEADER, "value": workload.name},
+        {"key": NAMESPACE_HEADER, "value": workload.namespace},
+        {"key": LABELS_HEADER, "value": workload.labels_header},
+        {"key": SERVICE_ACCOUNT_HEADER, "value": workload.service_account},
+    ]
+
+
+def _workload_key(workload: Workload) -> dict[str, Any]:
+    return {"generic_key": {"descriptor_key": "workload", "descriptor_value": workload.name}}
+
+
+def _cluster(name: str, endpoint: tuple[str, int], *, http2: bool) -> dict[str, Any]:
+    host, port = endpoint
+    cluster: dict[str, Any] = {"name": name}
+    if _is_ip(host):
+        cluster["type"] = "STATIC"
+    else:
+        cluster["type"] = "STRICT_DNS"
+        # "localhost" resolves to ::1 first, while local services often listen on IPv4 only.
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    cluster |= {
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}
+            ],
+        },
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS_TYPE,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    return cluster
+
+
+def _socket_address(address: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": address, "port_value": port}}
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _at(what: str) -> str:
+    """The field path that starts an error message, when there is one."""
+    return f"{what}: " if what else ""
+
+
+def _check_port(what: str, port: int) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= _MAX_PORT:
+        raise ValueError(f"{_at(what)}{port!r} is out of range (a port is 1 to {_MAX_PORT})")
+
+
+def _check_ip(what: str, address: str) -> str:
+    if not _is_ip(address):
+        raise ValueError(f"{_at(what)}{address!r} is not an IP address")
+    return address
+
+
+def _check_endpoint(what: str, endpoint: tuple[str, int]) -> None:
+    host, port = endpoint
+    if not _is_ip(host) and not _NAME.fullmatch(host):
+        raise ValueError(f"{_at(what)}{host!r} is neither an IP address nor a host name")
+    _check_port(f"{what} port" if what else "", port)
+
+
+def _format_endpoint(endpoint: tuple[str, int]) -> str:
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_name(what: str, value: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise ValueError(
+            f"{_at(what)}{value!r} is not a valid name (letters, digits, '.', '_' and '-',"
+            " starting and ending with a letter or digit)"
+        )
+    return value
+
+
+def _check_label(what: str, key: str, value: str) -> None:
+    if not _LABEL_PART.fullmatch(key) or not _LABEL_PART.fullmatch(value):
+        raise ValueError(
+            f"{_at(what)}{key!r}={value!r} is not a valid label (key and value non-empty, without"
+            " ',', '=', spaces or control characters)"
+        )
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _with_flag(flag: str, build: Callable[[], _T]) -> _T:
+    try:
+        return build()
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from None
