@@ -79,7 +79,6 @@ class LineWriter:
             if self._rotate is not None:  # a file of its own; stdout and stderr stay open
                 stream.close()
 
-
     def _emit(self, stream: IO[str], lines: list[str]) -> IO[str]:
         if self._rotate is None:
             stream.write("".join(f"{line}\n" for line in lines))
