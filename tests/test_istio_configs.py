@@ -1,10 +1,9 @@
 """Istio 1.4's own Mixer configuration (tests/data/istio-1.4) loads unchanged.
 
 Some documents need adapters, templates or kinds that arrive with later work (prometheus and
-kubernetesenv with telemetry; listchecker and memquota with policy; redisquota, QuotaSpec and
-QuotaSpecBinding with quotas; DestinationRule with xDS). Each such error is listed here, exactly,
-so this test fails both when something else breaks and when one of them starts to load: then it
-comes off this list. A reference to a resource that failed is not reported again, so only the
+kubernetesenv with telemetry; redisquota, QuotaSpec and QuotaSpecBinding with quotas;
+DestinationRule with xDS). Each such error is listed here, exactly, so this test fails both when
+something else breaks and when one of them starts to load: then it comes off this list. A reference to a resource that failed is not reported again, so only the
 root causes are listed.
 """
 
@@ -33,10 +32,7 @@ NOT_YET = {
     ("policy/mixer-rule-kubernetesenv-telemetry.yaml", "handler/kubeenvhandler", *_ADAPTER),
     # xDS issue: networking kinds
     ("telemetry.yaml", "DestinationRule/istio-telemetry", "kind", "unknown kind"),
-    # policy issue: listchecker
-    ("policy/mixer-rule-deny-whitelist.yaml", "handler/whitelist", *_ADAPTER),
-    ("policy/mixer-rule-deny-ip.yaml", "handler/whitelistip", *_ADAPTER),
-    # quota issue: memquota, redisquota, QuotaSpec, QuotaSpecBinding
+    # quota issue: redisquota, QuotaSpec, QuotaSpecBinding
     ("policy/mixer-rule-cnn-redis-quota-fixed-window.yaml", "handler/redishandler", *_ADAPTER),
     (
         "policy/mixer-rule-cnn-redis-quota-fixed-window.yaml",
@@ -50,7 +46,6 @@ NOT_YET = {
         "kind",
         "unknown kind",
     ),
-    ("policy/mixer-rule-productpage-ratelimit.yaml", "handler/quotahandler", *_ADAPTER),
     (
         "policy/mixer-rule-productpage-ratelimit.yaml",
         "QuotaSpec/request-count",
@@ -97,7 +92,6 @@ NOT_YET = {
         "kind",
         "unknown kind",
     ),
-    ("policy/mixer-rule-ratings-ratelimit.yaml", "handler/quotahandler", *_ADAPTER),
     ("policy/mixer-rule-ratings-ratelimit.yaml", "QuotaSpec/request-count", "kind", "unknown kind"),
     (
         "policy/mixer-rule-ratings-ratelimit.yaml",

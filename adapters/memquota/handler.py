@@ -1,0 +1,220 @@
+"""memquota's handler: quotas held in this process (Mixer's mixer/adapter/memquota/memquota.go).
+
+A quota with a validDuration is a rate limit, kept in a rolling window; one without is an
+allocation counter, which only a negative amount (a release) gives back. State is keyed by the
+instance's name and all its dimensions, as Mixer's makeKey did, so each combination of dimension
+values has a quota of its own. Retried requests are recognised by their deduplication id.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+
+from mixerhub import adapter
+from mixerhub.adapter import Env, Handler, InstanceSpec, QuotaArgs, QuotaResult
+from mixerhub.attributes import format_value
+from mixerhub.quota import Clock, RollingWindow
+from mixerhub.templates import QuotaInstance
+
+from .config import MemQuotaParams, Quota
+
+# Mixer's rolling windows count in ticks of 100 ms (dedup.go ticksPerSecond) over the
+# validDuration rounded up to whole seconds (memquota.go alloc).
+_TICK = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class _Limit:
+    max_amount: int
+    valid_duration: float  # seconds; 0 = allocation counter
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledQuota:
+    default: _Limit
+    overrides: tuple[tuple[tuple[tuple[str, str], ...], _Limit], ...]
+
+    def limit(self, dimensions: Mapping[str, object]) -> _Limit:
+        """The first override whose dimensions all match (memquota.go limit), else the quota's."""
+        for wanted, lim in self.overrides:
+            if all(k in dimensions and _text(dimensions[k]) == v for k, v in wanted):
+                return lim
+        return self.default
+
+
+def _text(value: object) -> str:
+    # Mixer compared an override's dimension with the instance's value, or its String() form
+    # (an IP address); config.proto: "String representation of instance dimensions is used".
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return str(value)
+    return str(format_value(value))
+
+
+def _hashable(value: object) -> Hashable:
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _hashable(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, Hashable):
+        return value
+    return repr(value)
+
+
+def _key(instance: QuotaInstance) -> Hashable:
+    """The quota's name and every dimension (Mixer's makeKey), independent of their order."""
+    dims = tuple(sorted((k, _hashable(v)) for k, v in instance.dimensions.items()))
+    return (instance.name, dims)
+
+
+def _compile(q: Quota) -> _CompiledQuota:
+    return _CompiledQuota(
+        _Limit(q.max_amount, q.valid_duration.total_seconds()),
+        tuple(
+            (
+                tuple(sorted(o.dimensions.items())),
+                _Limit(o.max_amount, o.valid_duration.total_seconds()),
+            )
+            for o in q.overrides
+        ),
+    )
+
+
+class _Dedup:
+    """Answers already given, by deduplication id, kept for 1x to 2x minDeduplicationDuration.
+
+    Mixer kept two maps and, on a ticker of minDeduplicationDuration, dropped the older and
+    demoted the newer (dedup.go reapDedup). The same turns happen here on the same grid of
+    periods, done by the first call that finds one due rather than by a timer.
+    """
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.recent: dict[tuple[str, str], tuple[int, float | None]] = {}
+        self.old: dict[tuple[str, str], tuple[int, float | None]] = {}
+        self._origin: float | None = None
+        self._period = 0
+
+    def _turn(self, now: float) -> None:
+        if self._origin is None:
+            self._origin = now
+        period = math.floor((now - self._origin) / self.window)
+        if period == self._period + 1:
+            self.recent, self.old = {}, self.recent
+        elif period > self._period + 1:
+            self.recent, self.old = {}, {}
+        self._period = max(self._period, period)
+
+    def get(self, key: tuple[str, str], now: float) -> tuple[int, float | None] | None:
+        self._turn(now)
+        found = self.recent.get(key)
+        return found if found is not None else self.old.get(key)
+
+    def put(self, key: tuple[str, str], amount: int, expires: float | None) -> None:
+        self.recent[key] = (amount, expires)
+
+    def __len__(self) -> int:
+        return len(self.recent) + len(self.old)
+
+
+class MemQuotaHandler(Handler):
+    def __init__(self, params: MemQuotaParams, env: Env, clock: Clock = time.monotonic) -> None:
+        self.env = env
+        self._clock = clock
+        self._quotas = {q.name: _compile(q) for q in params.quotas}
+        self._dedup = _Dedup(params.min_deduplication_duration.total_seconds())
+        self._cells: dict[Hashable, int] = {}  # allocation counters (validDuration 0)
+        self._windows: dict[int, RollingWindow] = {}  # by window length in whole seconds
+
+    def _window(self, valid_duration: float) -> RollingWindow:
+        seconds = math.ceil(valid_duration)
+        window = self._windows.get(seconds)
+        if window is None:
+            window = RollingWindow(seconds, _TICK, clock=self._clock)
+            self._windows[seconds] = window
+        return window
+
+    @property
+    def keys(self) -> int:
+        """Keys holding state (counters and windows), for tests and debugging."""
+        return len(self._cells) + sum(len(w) for w in self._windows.values())
+
+    async def handle_quota(self, instance: QuotaInstance, args: QuotaArgs) -> QuotaResult:
+        try:
+            return self._handle(instance, args)
+        except Exception as e:  # a request must not break the dispatcher; count and answer
+            self.env.count_error()
+            self.env.logger.exception("memquota: %s failed", instance.name)
+            return QuotaResult(0, 0.0, adapter.INTERNAL, f"memquota failed: {e}")
+
+    def _handle(self, instance: QuotaInstance, args: QuotaArgs) -> QuotaResult:
+        quota = self._quotas.get(instance.name)
+        if quota is None:  # validation makes this unreachable for configured instances
+            self.env.count_error()
+            return QuotaResult(
+                0, 0.0, adapter.NOT_FOUND, f"memquota has no quota named {instance.name!r}"
+            )
+        if args.amount == 0:
+            return QuotaResult(0)
+        now = self._clock()
+        dedup_key = (instance.name, args.deduplication_id)
+        if args.deduplication_id:
+            seen = self._dedup.get(dedup_key, now)
+            if seen is not None:  # the same answer, and no second charge (dedup.go)
+                amount, expires = seen
+                return QuotaResult(amount, max(0.0, expires - now) if expires else 0.0)
+        lim = quota.limit(instance.dimensions)
+        key = _key(instance)
+        if args.amount > 0:
+            amount, valid = self._alloc(key, args.amount, args.best_effort, lim, now)
+        else:
+            amount, valid = self._release(key, -args.amount, lim, now), 0.0
+        if args.deduplication_id:
+            self._dedup.put(dedup_key, amount, now + valid if valid else None)
+        return QuotaResult(amount, valid)
+
+    def _alloc(
+        self, key: Hashable, amount: int, best_effort: bool, lim: _Limit, now: float
+    ) -> tuple[int, float]:
+        if lim.valid_duration == 0:
+            in_use = self._cells.get(key, 0)
+            left = max(0, lim.max_amount - in_use)
+            if amount > left:
+                if not best_effort:
+                    return 0, 0.0
+                amount = left  # grab as much as we can
+            if amount:
+                self._cells[key] = in_use + amount
+            return amount, 0.0
+        take = self._window(lim.valid_duration).take(
+            key, amount, lim.max_amount, now, best_effort=best_effort
+        )
+        if take.granted < amount and not best_effort:
+            return 0, 0.0
+        # Mixer answered a best-effort request with the quota's validDuration even when it
+        # granted nothing, and a full grant with the validDuration as configured (not rounded).
+        return take.granted, lim.valid_duration
+
+    def _release(self, key: Hashable, amount: int, lim: _Limit, now: float) -> int:
+        if lim.valid_duration == 0:
+            in_use = self._cells.get(key, 0)
+            if amount >= in_use:
+                self._cells.pop(key, None)
+                return in_use
+            self._cells[key] = in_use - amount
+            return amount
+        # Releasing a rate limit is racy by nature (it may free a newer window), as Mixer warned.
+        return self._window(lim.valid_duration).release(key, amount, now)
+
+
+def build(
+    params: MemQuotaParams, instances: Mapping[str, InstanceSpec], env: Env
+) -> MemQuotaHandler:
+    return MemQuotaHandler(params, env)
