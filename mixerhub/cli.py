@@ -43,6 +43,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--drain-seconds", type=float, default=5.0, help="time in-flight calls get on SIGTERM"
     )
+    serve.add_argument(
+        "--check-fail-open",
+        action="store_true",
+        help="allow requests when a check fails inside the hub (default: deny, like Mixer)",
+    )
+    serve.add_argument(
+        "--check-budget",
+        type=float,
+        default=0.15,
+        help="seconds a Check may take before the failure policy answers (Envoy waits 0.2)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=_serve)
 
@@ -90,6 +101,8 @@ def _serve(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         poll_interval=args.poll_interval,
         drain_seconds=args.drain_seconds,
+        check_fail_open=args.check_fail_open,
+        check_budget=args.check_budget,
     )
     return uvloop.run(server.run(options, reg))
 

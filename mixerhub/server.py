@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import grpc
 from aiohttp import web
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -26,9 +26,10 @@ from grpc_reflection.v1alpha import reflection
 
 from mixerhub import admin
 from mixerhub.access_log import AccessLogService
-from mixerhub.ext_authz import AuthorizationService
+from mixerhub.ext_authz import AuthorizationService, FailurePolicy
 from mixerhub.rate_limit import RateLimitService
 from mixerhub.registry import Registry
+from mixerhub.security import jwks
 from mixerhub.snapshot import Snapshot
 from mixerhub.store.watch import ConfigStore
 
@@ -49,6 +50,8 @@ class ServeOptions:
     http_port: int = 15014
     poll_interval: float = 1.0
     drain_seconds: float = 5.0
+    check_fail_open: bool = False
+    check_budget: float = 0.15
 
 
 class Hub:
@@ -67,12 +70,13 @@ class Hub:
         self._http: web.AppRunner | None = None
         self._watch: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
+        self.authorization = AuthorizationService(
+            FailurePolicy(options.check_fail_open, options.check_budget)
+        )
 
     async def start(self) -> None:
         o = self.options
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-            AuthorizationService(), self.grpc
-        )
+        self.grpc.add_generic_rpc_handlers((self.authorization.generic_handler(),))
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogService(), self.grpc)
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -92,6 +96,7 @@ class Hub:
         await self._http.setup()
         await web.TCPSite(self._http, o.address, o.http_port).start()
 
+        self.store.subscribe(self.authorization.activate)
         self.store.subscribe(self._on_snapshot)
         await self.store.load()
         self._watch = asyncio.create_task(self.store.run())
@@ -111,6 +116,7 @@ class Hub:
         if self._http is not None:
             await self._http.cleanup()
         await self.store.close()
+        await jwks.default_cache().close()
         log.info("stopped")
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:

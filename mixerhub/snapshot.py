@@ -9,16 +9,20 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from mixerhub.adapter import AdapterInfo, Handler, InstanceSpec
 from mixerhub.attributes import ValueType
 from mixerhub.expression import Expression
+from mixerhub.security.enforcement import PolicySet
 from mixerhub.store.documents import Document
 from mixerhub.templates import Template, Variety
 from mixerhub.types import Bag, dump
+
+if TYPE_CHECKING:
+    from mixerhub.security.authentication import Authenticator
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,13 @@ class CompiledRule:
         return frozenset(i.template.variety for a in self.actions for i in a.instances)
 
 
+def _no_authentication() -> Authenticator:
+    # Imported here: the security kinds import the store, which imports this module.
+    from mixerhub.security.authentication import Authenticator
+
+    return Authenticator()
+
+
 @dataclass(frozen=True)
 class Snapshot:
     version: str
@@ -91,6 +102,10 @@ class Snapshot:
     rules: tuple[CompiledRule, ...]
     # The attribute names any rule or instance may read: what request handling must produce.
     referenced: frozenset[str] = field(default_factory=frozenset)
+    # Istio AuthorizationPolicies, compiled (mixerhub.security.authorization).
+    authorization: PolicySet = field(default_factory=PolicySet)
+    # Istio RequestAuthentications, compiled (mixerhub.security.authentication).
+    authenticator: Authenticator = field(default_factory=_no_authentication)
 
     def configz(self) -> dict[str, Any]:
         """The active configuration as JSON-ready data, for /debug/configz."""

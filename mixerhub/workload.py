@@ -27,20 +27,23 @@ class WorkloadIdentity:
     namespace: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     service_account: str = ""
+    # The metadata as received: a hashable key for caches, cheap to compare.
+    key: tuple[str, str, str, str] = ("", "", "", "")
 
     @classmethod
     def from_metadata(cls, metadata: Iterable[tuple[str, str | bytes]] | None) -> WorkloadIdentity:
         """From gRPC invocation metadata (what ``context.invocation_metadata()`` returns)."""
         values: dict[str, str] = {}
-        for key, value in metadata or ():
-            if key in _HEADERS and isinstance(value, str):
-                values[key] = value
-        return cls(
+        for name, value in metadata or ():
+            if name in _HEADERS and isinstance(value, str):
+                values[name] = value
+        key = (
             values.get(WORKLOAD_HEADER, ""),
             values.get(NAMESPACE_HEADER, ""),
-            parse_labels(values.get(LABELS_HEADER, "")),
+            values.get(LABELS_HEADER, ""),
             values.get(SERVICE_ACCOUNT_HEADER, ""),
         )
+        return cls(key[0], key[1], parse_labels(key[2]), key[3], key)
 
 
 _HEADERS = frozenset({WORKLOAD_HEADER, NAMESPACE_HEADER, LABELS_HEADER, SERVICE_ACCOUNT_HEADER})

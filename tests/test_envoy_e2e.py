@@ -65,7 +65,7 @@ def test_envoy_checks_rate_limits_and_logs_through_the_hub(stack: Stack) -> None
     # ...and the hub's side of the same stream.
     metrics = stack.hub.get("/metrics").body.decode()
     assert 'mixerhub_accesslog_entries_total{type="http"} 3.0' in metrics
-    assert 'mixerhub_check_total{result="ok"} 3.0' in metrics
+    assert 'mixerhub_check_total{result="ok",rule=""} 3.0' in metrics
 
 
 def test_envoy_denies_when_the_hub_is_down(stack: Stack) -> None:

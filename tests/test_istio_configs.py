@@ -3,8 +3,8 @@
 Some documents need adapters, templates or kinds that arrive with later work (prometheus and
 kubernetesenv with telemetry; redisquota, QuotaSpec and QuotaSpecBinding with quotas;
 DestinationRule with xDS). Each such error is listed here, exactly, so this test fails both when
-something else breaks and when one of them starts to load: then it comes off this list. A reference to a resource that failed is not reported again, so only the
-root causes are listed.
+something else breaks and when one of them starts to load: then it comes off this list. A
+reference to a resource that failed is not reported again, so only the root causes are listed.
 """
 
 from __future__ import annotations

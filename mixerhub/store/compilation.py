@@ -8,16 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from mixerhub.adapter import InstanceSpec
 from mixerhub.attributes import ValueType
 from mixerhub.registry import Registry
+from mixerhub.security.enforcement import CompiledPolicy
 from mixerhub.snapshot import BuiltHandler, CompiledInstance, CompiledRule, Snapshot
 from mixerhub.store.documents import Document
 from mixerhub.store.errors import ConfigError, join_path
+
+if TYPE_CHECKING:
+    from mixerhub.security.authentication import RequestAuthenticationPolicy
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -60,6 +64,8 @@ class Compilation:
     names: dict[tuple[str, Ref], Document] = field(default_factory=dict)
     # Resources that failed with an error of their own: a reference to one is not reported again.
     broken: dict[str, dict[Ref, Document]] = field(default_factory=dict)
+    authorization: list[CompiledPolicy] = field(default_factory=list)
+    request_authentications: list[RequestAuthenticationPolicy] = field(default_factory=list)
 
     def error(self, document: Document, path: str, reason: str) -> None:
         self.errors.append(document.error(path, reason))

@@ -18,6 +18,8 @@ from mixerhub.adapter import AdapterInfo, Env, Handler, InstanceSpec, check_hand
 from mixerhub.attributes import ValueType
 from mixerhub.monitoring import REGISTRY
 from mixerhub.registry import Registry
+from mixerhub.security import authentication, authorization
+from mixerhub.security.enforcement import PolicySet
 from mixerhub.snapshot import BuiltHandler, CompiledRule, Snapshot
 from mixerhub.store import documents, mixer_kinds
 from mixerhub.store.compilation import Compilation, HandlerDeclaration, Ref
@@ -26,7 +28,13 @@ from mixerhub.store.errors import ConfigError, ConfigRejected, join_path
 from mixerhub.store.kinds import Kind, kind_table, split_api_version
 from mixerhub.types import dump
 
-KINDS = kind_table((*mixer_kinds.KINDS,))
+KINDS = kind_table(
+    (
+        *mixer_kinds.KINDS,
+        authorization.AUTHORIZATION_POLICY,
+        authentication.REQUEST_AUTHENTICATION,
+    )
+)
 
 log = logging.getLogger("mixerhub.config")
 
@@ -106,6 +114,8 @@ def compile_snapshot(
         instances={i.name: i for i in c.instances.values()},
         rules=tuple(rules),
         referenced=referenced,
+        authorization=PolicySet(c.authorization),
+        authenticator=authentication.Authenticator(c.request_authentications),
     )
 
 

@@ -1,0 +1,237 @@
+"""An ext_authz CheckRequest as Mixer attributes, each computed only when something reads it.
+
+The bag is a dict that fills itself: reading an attribute for the first time runs its extractor
+over the request (parsing an address, splitting a query string...) and keeps the result, so a
+request pays only for the attributes its rules and policies actually read. An attribute the
+request does not carry raises KeyError, as a missing attribute does in any bag.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+from envoy.service.auth.v3 import external_auth_pb2
+
+from mixerhub.workload import WorkloadIdentity
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class _Absent:
+    __slots__ = ()
+
+
+ABSENT: Any = _Absent()
+
+# Bounds on what one request may make the hub hold: hostile input is cut, not trusted.
+MAX_QUERY_PARAMS = 256
+
+
+class CheckContext:
+    """What extractors read: the request, the calling workload and the authenticated identity."""
+
+    __slots__ = ("identity", "request", "workload")
+
+    def __init__(
+        self,
+        request: external_auth_pb2.CheckRequest,
+        workload: WorkloadIdentity,
+        identity: Mapping[str, object] | None = None,
+    ) -> None:
+        self.request = request
+        self.workload = workload
+        self.identity = identity or {}
+
+
+Extractor = Callable[[CheckContext], Any]
+
+
+class CheckBag(dict[str, Any]):
+    """Attributes of one Check, filled in on first read. Use as any Mapping bag."""
+
+    __slots__ = ("_absent", "_context")
+
+    def __init__(self, context: CheckContext) -> None:
+        super().__init__()
+        self._context = context
+        self._absent: set[str] = set()
+
+    def __missing__(self, name: str) -> Any:
+        extractor = EXTRACTORS.get(name)
+        if extractor is None or name in self._absent:
+            raise KeyError(name)
+        value = extractor(self._context)
+        if value is ABSENT:
+            self._absent.add(name)
+            raise KeyError(name)
+        self[name] = value
+        return value
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def __contains__(self, name: object) -> bool:
+        return self.get(name, ABSENT) is not ABSENT if isinstance(name, str) else False
+
+
+def _http(c: CheckContext) -> external_auth_pb2.AttributeContext.HttpRequest:
+    return c.request.attributes.request.http
+
+
+def _ip(text: str) -> Any:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return ABSENT  # a pipe or an unparseable address carries no IP
+
+
+def _principal(spiffe: str) -> Any:
+    # Istio's principals drop the scheme: spiffe://td/ns/a/sa/b -> td/ns/a/sa/b
+    if not spiffe:
+        return ABSENT
+    return spiffe.removeprefix("spiffe://")
+
+
+def _namespace_of(principal: str) -> Any:
+    parts = principal.split("/")
+    for i in range(len(parts) - 1):
+        if parts[i] == "ns" and parts[i + 1]:
+            return parts[i + 1]
+    return ABSENT
+
+
+def _header(name: str) -> Extractor:
+    def extract(c: CheckContext) -> Any:
+        value = _http(c).headers.get(name)
+        return ABSENT if value is None else value
+
+    return extract
+
+
+def _path(c: CheckContext) -> Any:
+    return _http(c).path or ABSENT
+
+
+def _url_path(c: CheckContext) -> Any:
+    path = _http(c).path
+    if not path:
+        return ABSENT
+    return path.split("?", 1)[0].split("#", 1)[0]
+
+
+def _query_params(c: CheckContext) -> Any:
+    path = _http(c).path
+    _, _, query = path.partition("?")
+    query = query.split("#", 1)[0]
+    pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=None)[:MAX_QUERY_PARAMS]
+    return dict(pairs)
+
+
+def _protocol(c: CheckContext) -> str:
+    content_type = _http(c).headers.get("content-type", "")
+    return "grpc" if content_type.startswith("application/grpc") else "http"
+
+
+def _time(c: CheckContext) -> Any:
+    t = c.request.attributes.request.time
+    if not t.seconds and not t.nanos:
+        return ABSENT
+    return datetime.datetime.fromtimestamp(t.seconds + t.nanos / 1e9, datetime.UTC)
+
+
+def _size(c: CheckContext) -> Any:
+    size = _http(c).size
+    return ABSENT if size < 0 else size
+
+
+def _source_principal(c: CheckContext) -> Any:
+    return _principal(c.request.attributes.source.principal)
+
+
+def _workload_field(get: Callable[[WorkloadIdentity], Any]) -> Extractor:
+    def extract(c: CheckContext) -> Any:
+        value = get(c.workload)
+        return value if value else ABSENT
+
+    return extract
+
+
+def _identity(name: str) -> Extractor:
+    def extract(c: CheckContext) -> Any:
+        return c.identity.get(name, ABSENT)
+
+    return extract
+
+
+def _source_namespace(c: CheckContext) -> Any:
+    principal = _source_principal(c)
+    return ABSENT if principal is ABSENT else _namespace_of(principal)
+
+
+def _mtls(c: CheckContext) -> bool:
+    source = c.request.attributes.source
+    return bool(source.principal or source.certificate)
+
+
+def _sni(c: CheckContext) -> Any:
+    return c.request.attributes.tls_session.sni or ABSENT
+
+
+EXTRACTORS: Mapping[str, Extractor] = {
+    "source.ip": lambda c: _ip(c.request.attributes.source.address.socket_address.address),
+    "source.port": lambda c: c.request.attributes.source.address.socket_address.port_value,
+    "source.principal": _source_principal,
+    "source.user": _source_principal,
+    "source.namespace": _source_namespace,
+    # Envoy resolves X-Forwarded-For into the source address by its own trusted-hops setting;
+    # trusting the header again here would let a client choose its own address.
+    "remote.ip": lambda c: _ip(c.request.attributes.source.address.socket_address.address),
+    "destination.ip": lambda c: _ip(
+        c.request.attributes.destination.address.socket_address.address
+    ),
+    "destination.port": lambda c: (
+        c.request.attributes.destination.address.socket_address.port_value
+    ),
+    "destination.principal": lambda c: _principal(c.request.attributes.destination.principal),
+    "destination.workload.name": _workload_field(lambda w: w.name),
+    "destination.name": _workload_field(lambda w: w.name),
+    "destination.workload.namespace": _workload_field(lambda w: w.namespace),
+    "destination.namespace": _workload_field(lambda w: w.namespace),
+    "destination.labels": lambda c: dict(c.workload.labels),
+    "destination.workload.labels": lambda c: dict(c.workload.labels),
+    "destination.serviceAccount": _workload_field(lambda w: w.service_account),
+    "request.headers": lambda c: dict(_http(c).headers),
+    "request.id": lambda c: _http(c).id or _http(c).headers.get("x-request-id", ABSENT),
+    "request.method": lambda c: _http(c).method or ABSENT,
+    "request.path": _path,
+    "request.url_path": _url_path,
+    "request.query_params": _query_params,
+    "request.host": lambda c: _http(c).host or ABSENT,
+    "request.scheme": lambda c: _http(c).scheme or ABSENT,
+    "request.fragment": lambda c: _http(c).fragment or ABSENT,
+    "request.useragent": _header("user-agent"),
+    "request.referer": _header("referer"),
+    "request.size": _size,
+    "request.total_size": _size,
+    "request.time": _time,
+    "context.time": _time,
+    "context.protocol": _protocol,
+    # ext_authz is called by the proxy in front of the destination: an inbound check.
+    "context.reporter.kind": lambda c: "inbound",
+    "context_extensions": lambda c: dict(c.request.attributes.context_extensions),
+    "connection.mtls": _mtls,
+    "connection.requested_server_name": _sni,
+    "connection.sni": _sni,
+    "request.auth.principal": _identity("request.auth.principal"),
+    "request.auth.audiences": _identity("request.auth.audiences"),
+    "request.auth.presenter": _identity("request.auth.presenter"),
+    "request.auth.claims": _identity("request.auth.claims"),
+    "request.auth.raw_claims": _identity("request.auth.raw_claims"),
+}

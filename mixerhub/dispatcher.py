@@ -1,0 +1,207 @@
+"""The dispatcher: compiled rules applied to one request's attributes.
+
+For a Check, every rule whose match holds and whose actions use check or quota templates runs:
+its instances are built from the bag and handed to the handlers. Check actions run first and the
+first denial ends the check; quotas are asked for only when every check passed, so a denied
+request is never charged. Mixer's rule scoping holds: a rule in the mesh-wide namespace applies to
+every request, a rule in another namespace only to workloads of that namespace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mixerhub import adapter
+from mixerhub.adapter import CheckResult, QuotaArgs, QuotaResult, handler_method
+from mixerhub.expression import EvaluationError
+from mixerhub.monitoring import ADAPTER_ERRORS
+from mixerhub.security import ROOT_NAMESPACE
+from mixerhub.snapshot import CompiledInstance, CompiledRule, HeaderOperation, Snapshot
+from mixerhub.templates import Variety
+from mixerhub.types import Bag
+
+log = logging.getLogger("mixerhub.dispatcher")
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One handler method to call with the instances of one action, resolved at load time."""
+
+    rule: str
+    handler: str
+    adapter: str
+    method: Any  # the bound handle_<template> method
+    instance: CompiledInstance
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRoute:
+    rule: CompiledRule
+    checks: tuple[Call, ...]
+    quotas: tuple[Call, ...]
+
+
+@dataclass(slots=True)
+class CheckOutcome:
+    """What the check rules decided, and what the response should carry."""
+
+    status: int = adapter.OK
+    message: str = ""
+    rule: str = ""
+    handler: str = ""
+    valid_duration: float = adapter.DEFAULT_VALID_DURATION
+    valid_use_count: int = adapter.DEFAULT_VALID_USE_COUNT
+    # Rules whose match held: their header operations apply.
+    matched: list[CompiledRule] = field(default_factory=list)
+    # Set when a handler failed (raised, or its instance could not be built): the failure policy
+    # decides what that means; the outcome is never cached.
+    failed: bool = False
+    quota_used: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == adapter.OK
+
+    def deny(self, status: int, message: str, call: Call) -> None:
+        self.status, self.message, self.rule, self.handler = (
+            status,
+            message,
+            call.rule,
+            call.handler,
+        )
+
+
+class CheckDispatcher:
+    """The check side of one snapshot: routes built once, applied per request."""
+
+    def __init__(self, snapshot: Snapshot, mesh_namespace: str = ROOT_NAMESPACE) -> None:
+        self.mesh_namespace = mesh_namespace
+        routes = [r for r in (_route(rule) for rule in snapshot.rules) if r is not None]
+        self._mesh = tuple(r for r in routes if r.rule.namespace == mesh_namespace)
+        self._by_namespace: dict[str, tuple[CheckRoute, ...]] = {}
+        for r in routes:
+            if r.rule.namespace != mesh_namespace:
+                self._by_namespace.setdefault(r.rule.namespace, ())
+                self._by_namespace[r.rule.namespace] += (r,)
+        self.referenced = frozenset().union(*(r.rule.referenced for r in routes))
+        self.uses_quota = any(r.quotas for r in routes)
+        self.empty = not routes
+
+    def routes_for(self, namespace: str) -> tuple[CheckRoute, ...]:
+        return self._mesh + self._by_namespace.get(namespace, ())
+
+    async def check(self, bag: Bag, namespace: str, quota_args: QuotaArgs) -> CheckOutcome:
+        outcome = CheckOutcome()
+        routes = [r for r in self.routes_for(namespace) if _matches(r.rule, bag)]
+        outcome.matched = [r.rule for r in routes]
+        for route in routes:
+            for call in route.checks:
+                result = await _check(call, bag, outcome)
+                if result is None:
+                    return outcome
+                outcome.valid_duration = min(outcome.valid_duration, result.valid_duration)
+                outcome.valid_use_count = min(outcome.valid_use_count, result.valid_use_count)
+                if not result.ok:
+                    outcome.deny(result.status, result.message, call)
+                    return outcome
+        for route in routes:
+            for call in route.quotas:
+                outcome.quota_used = True
+                quota = await _quota(call, bag, quota_args, outcome)
+                if quota is None:
+                    return outcome
+                if quota.amount < quota_args.amount and not (
+                    quota_args.best_effort and quota.amount
+                ):
+                    message = quota.message or f"quota {call.instance.name} exhausted"
+                    status = (
+                        quota.status if quota.status != adapter.OK else adapter.RESOURCE_EXHAUSTED
+                    )
+                    outcome.deny(status, message, call)
+                    return outcome
+        return outcome
+
+
+def header_values(operations: Sequence[HeaderOperation], bag: Bag) -> list[tuple[str, str, str]]:
+    """(operation, name, value) for each value of each operation that evaluates; REMOVE has ""."""
+    out: list[tuple[str, str, str]] = []
+    for op in operations:
+        if op.operation == "REMOVE":
+            out.append((op.operation, op.name, ""))
+            continue
+        for expr in op.values:
+            try:
+                value = expr.evaluate(bag)
+            except EvaluationError as e:
+                log.debug("header %s: %s", op.name, e)
+                continue
+            out.append((op.operation, op.name, str(value)))
+    return out
+
+
+def _route(rule: CompiledRule) -> CheckRoute | None:
+    checks: list[Call] = []
+    quotas: list[Call] = []
+    for action in rule.actions:
+        handler = action.handler.handler
+        if handler is None:
+            continue
+        for instance in action.instances:
+            variety = instance.template.variety
+            if variety is Variety.REPORT:
+                continue
+            method = getattr(handler, handler_method(instance.template.name))
+            call = Call(
+                rule.name, action.handler.name, action.handler.adapter.name, method, instance
+            )
+            (quotas if variety is Variety.QUOTA else checks).append(call)
+    if not (checks or quotas or rule.request_header_operations or rule.response_header_operations):
+        return None  # a telemetry-only rule
+    return CheckRoute(rule, tuple(checks), tuple(quotas))
+
+
+def _matches(rule: CompiledRule, bag: Bag) -> bool:
+    if rule.match is None:
+        return True
+    try:
+        return rule.match.evaluate(bag) is True
+    except EvaluationError as e:
+        # Mixer: a rule whose match cannot be evaluated does not apply.
+        log.debug("rule %s not applied: %s", rule.name, e)
+        return False
+
+
+async def _check(call: Call, bag: Bag, outcome: CheckOutcome) -> CheckResult | None:
+    try:
+        instance = call.instance.build(bag)
+        result: CheckResult = await call.method(instance)
+        return result
+    except Exception as e:  # an instance that cannot be built, or an adapter that broke its word
+        _fail(call, e, outcome)
+        return None
+
+
+async def _quota(
+    call: Call, bag: Bag, args: QuotaArgs, outcome: CheckOutcome
+) -> QuotaResult | None:
+    try:
+        instance = call.instance.build(bag)
+        result: QuotaResult = await call.method(instance, args)
+        return result
+    except Exception as e:
+        _fail(call, e, outcome)
+        return None
+
+
+def _fail(call: Call, error: Exception, outcome: CheckOutcome) -> None:
+    ADAPTER_ERRORS.labels(call.adapter).inc()
+    if isinstance(error, EvaluationError):
+        reason = f"instance {call.instance.name}: {error}"
+    else:
+        log.exception("handler %s failed", call.handler)
+        reason = f"handler {call.handler} failed"
+    outcome.failed = True
+    outcome.deny(adapter.INTERNAL, reason, call)
