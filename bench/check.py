@@ -56,7 +56,7 @@ def policy(jwks: str) -> str:
               rules:
               - from: [{{source: {{requestPrincipals: ["{ISSUER}/user-{i}", "{ISSUER}/*"]}}}}]
                 to: [{{operation: {{methods: ["GET", "HEAD"], paths: ["/api/v{i}/*", "/"]}}}}]
-                when: [{{key: request.headers[x-tenant], notValues: ["blocked-{i}"]}}]
+                when: [{{key: "request.headers[x-tenant]", notValues: ["blocked-{i}"]}}]
             """
         )
         for i in range(19)
@@ -163,8 +163,8 @@ def wrk(port: int, token: str, seconds: int, connections: int) -> dict[str, floa
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        "p50": _ms(re.search(r"50%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
-        "p99": _ms(re.search(r"99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        "p50": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
+        "p99": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
         "errors": float(non_2xx.group(1)) if non_2xx else 0.0,
     }
 

@@ -207,7 +207,8 @@ EXTRACTORS: Mapping[str, Extractor] = {
     "destination.labels": lambda c: dict(c.workload.labels),
     "destination.workload.labels": lambda c: dict(c.workload.labels),
     "destination.serviceAccount": _workload_field(lambda w: w.service_account),
-    "request.headers": lambda c: dict(_http(c).headers),
+    # Envoy's header map is already a read-only Mapping (lower-case names): no copy.
+    "request.headers": lambda c: _http(c).headers,
     "request.id": lambda c: _http(c).id or _http(c).headers.get("x-request-id", ABSENT),
     "request.method": lambda c: _http(c).method or ABSENT,
     "request.path": _path,

@@ -26,6 +26,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 from prometheus_client import Counter, Histogram
@@ -36,7 +37,8 @@ from mixerhub.check_attributes import CheckBag, CheckContext
 from mixerhub.decision_cache import Decision, DecisionCache
 from mixerhub.dispatcher import CheckDispatcher, header_values
 from mixerhub.monitoring import REGISTRY
-from mixerhub.snapshot import Snapshot
+from mixerhub.snapshot import BuiltHandler, Snapshot
+from mixerhub.templates import Action, AuthorizationInstance, CheckNothingInstance, Subject
 from mixerhub.workload import WorkloadIdentity
 
 log = logging.getLogger("mixerhub.ext_authz")
@@ -85,6 +87,17 @@ class Checker:
         # The decision depends on exactly these attributes (and on the workload).
         self.referenced = tuple(sorted(self.dispatcher.referenced | self.policies.referenced))
         self.cache = DecisionCache()
+        # Namespaces where a quota rule may apply: there every request must be counted, so
+        # decisions are not cached and no cache key is worth building.
+        self._uncacheable: dict[str, bool] = {}
+
+    def _cacheable(self, namespace: str) -> bool:
+        known = self._uncacheable.get(namespace)
+        if known is None:
+            known = any(r.quotas for r in self.dispatcher.routes_for(namespace))
+            if len(self._uncacheable) < 10_000:
+                self._uncacheable[namespace] = known
+        return not known
 
     async def check(
         self, request: external_auth_pb2.CheckRequest, workload: WorkloadIdentity
@@ -97,19 +110,22 @@ class Checker:
             query = http.path.partition("?")[2]
             authn = await self.authenticator.authenticate(workload, http.headers, query)
             if authn.error is not None:
-                CHECKS.labels("unauthenticated", "RequestAuthentication").inc()
+                count("unauthenticated", "RequestAuthentication")
                 return unauthenticated(authn.error)
             if authn.identity is not None:
                 context.identity = identity_attributes(authn.identity)
             set_headers, remove_headers = authn.headers_to_set, authn.headers_to_remove
         bag = CheckBag(context)
 
-        key = self.cache.key(workload.key, bag, self.referenced)
-        decision = self.cache.get(key)
-        if decision is None:
+        if self._cacheable(workload.namespace):
+            key = self.cache.key(workload.key, bag, self.referenced)
+            decision = self.cache.get(key)
+            if decision is None:
+                decision = await self._decide(bag, workload, http)
+                self.cache.put(key, decision)
+        else:
             decision = await self._decide(bag, workload, http)
-            self.cache.put(key, decision)
-        CHECKS.labels(decision.result, decision.denied_by).inc()
+        count(decision.result, decision.denied_by)
         if not decision.allowed:
             return denied(decision)
         return allowed(decision, set_headers, remove_headers, context.identity)
@@ -119,6 +135,11 @@ class Checker:
             verdict = self.policies.evaluate(workload, bag)
             for policy, action, matched in verdict.dry_run:
                 log.info("dry-run %s %s: %s", action, policy, "matched" if matched else "no match")
+            for provider in verdict.custom:
+                # Istio's order: a CUSTOM denial comes before DENY and ALLOW policies.
+                custom = await self._custom(provider, bag)
+                if custom is not None:
+                    return custom
             if not verdict.allowed:
                 return Decision.deny(
                     adapter.PERMISSION_DENIED,
@@ -160,6 +181,60 @@ class Checker:
             valid_duration=outcome.valid_duration,
             valid_use_count=outcome.valid_use_count,
         )
+
+    async def _custom(self, provider: str, bag: CheckBag) -> Decision | None:
+        """A CUSTOM policy's provider is a Mixer handler: the hub's own extension model stands
+        where Istio puts an external authorizer. None when it allows."""
+        denied_by = f"AuthorizationPolicy CUSTOM/{provider}"
+        handler = _provider_handler(self.snapshot, provider)
+        if handler is None or handler.handler is None:
+            return Decision.deny(
+                adapter.PERMISSION_DENIED,
+                f"CUSTOM provider {provider!r} is not a handler of this configuration",
+                denied_by,
+            )
+        try:
+            if "authorization" in handler.adapter.templates:
+                result = await handler.handler.handle_authorization(  # type: ignore[attr-defined]
+                    _authorization_instance(provider, bag)
+                )
+            else:
+                result = await handler.handler.handle_checknothing(  # type: ignore[attr-defined]
+                    CheckNothingInstance(provider)
+                )
+        except Exception as e:  # the handler broke its word: a failure, not a decision
+            log.exception("CUSTOM provider %s failed", provider)
+            raise HandlerFailure(f"CUSTOM provider {provider} failed") from e
+        if result.ok:
+            return None
+        return Decision.deny(result.status, result.message or "denied", denied_by, cacheable=False)
+
+
+def _provider_handler(snapshot: Snapshot, provider: str) -> BuiltHandler | None:
+    """``name``, ``name.namespace`` or the full ``name.handler.namespace`` of a handler that can
+    answer a CUSTOM policy (it supports authorization or checknothing)."""
+    for h in snapshot.handlers.values():
+        name, _, rest = h.name.partition(".")
+        namespace = rest.rpartition(".")[2]
+        if provider in (h.name, name, f"{name}.{namespace}") and (
+            {"authorization", "checknothing"} & set(h.adapter.templates)
+        ):
+            return h
+    return None
+
+
+def _authorization_instance(provider: str, bag: CheckBag) -> AuthorizationInstance:
+    user = bag.get("request.auth.principal") or bag.get("source.principal") or ""
+    return AuthorizationInstance(
+        provider,
+        Subject(user=str(user), properties={"source.principal": bag.get("source.principal", "")}),
+        Action(
+            namespace=str(bag.get("destination.namespace", "")),
+            service=str(bag.get("request.host", "")),
+            method=str(bag.get("request.method", "")),
+            path=str(bag.get("request.url_path", "")),
+        ),
+    )
 
 
 class HandlerFailure(Exception):
@@ -204,7 +279,7 @@ class AuthorizationService:
             try:
                 request = external_auth_pb2.CheckRequest.FromString(data)
             except DecodeError:
-                CHECKS.labels("malformed", "").inc()
+                count("malformed", "")
                 return denied(
                     Decision.deny(adapter.INVALID_ARGUMENT, "malformed request", "mixerhub")
                 )
@@ -234,10 +309,23 @@ class AuthorizationService:
 
     def _failed(self, reason: str) -> external_auth_pb2.CheckResponse:
         if self.failure.fail_open:
-            CHECKS.labels("failed_open", "").inc()
+            count("failed_open", "")
             return allowed(Decision.allow(), (), (), {})
-        CHECKS.labels("failed_closed", "").inc()
+        count("failed_closed", "")
         return denied(Decision.deny(adapter.UNAVAILABLE, reason, "mixerhub"))
+
+
+_counters: dict[tuple[str, str], Any] = {}
+
+
+def count(result: str, rule: str) -> None:
+    """mixerhub_check_total{result, rule} += 1, with the labelled child looked up once."""
+    child = _counters.get((result, rule))
+    if child is None:
+        child = CHECKS.labels(result, rule)
+        if len(_counters) < 10_000:  # rule names come from config: bounded, but be safe
+            _counters[(result, rule)] = child
+    child.inc()
 
 
 def identity_attributes(identity: Any) -> dict[str, object]:
@@ -282,14 +370,35 @@ def allowed(
     response = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0), ok_response=ok)
     if identity:
         # For the rate-limit filter and the access logs: who the request is, once verified.
-        response.dynamic_metadata.update(
+        response.dynamic_metadata.CopyFrom(_identity_struct(identity))
+    return response
+
+
+_structs: dict[tuple[str, str, tuple[str, ...]], struct_pb2.Struct] = {}
+
+
+def _identity_struct(identity: Mapping[str, object]) -> struct_pb2.Struct:
+    # Clients repeat their token, so the same few identities come back: build each Struct once.
+    audiences = identity.get("request.auth.audiences") or ()
+    key = (
+        str(identity.get("request.auth.principal", "")),
+        str(identity.get("request.auth.presenter", "")),
+        tuple(audiences) if isinstance(audiences, list | tuple) else (str(audiences),),
+    )
+    struct = _structs.get(key)
+    if struct is None:
+        struct = struct_pb2.Struct()
+        struct.update(
             {
-                "request.auth.principal": str(identity.get("request.auth.principal", "")),
-                "request.auth.presenter": str(identity.get("request.auth.presenter", "")),
-                "request.auth.audiences": list(identity.get("request.auth.audiences") or ()),  # type: ignore[call-overload]
+                "request.auth.principal": key[0],
+                "request.auth.presenter": key[1],
+                "request.auth.audiences": list(key[2]),
             }
         )
-    return response
+        if len(_structs) >= 10_000:
+            _structs.clear()
+        _structs[key] = struct
+    return struct
 
 
 def denied(decision: Decision) -> external_auth_pb2.CheckResponse:

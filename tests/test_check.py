@@ -262,3 +262,47 @@ async def test_garbage_bytes_get_a_clear_denial(client: Client, tmp_path: Path) 
     response = external_auth_pb2.CheckResponse.FromString(await call(bad, timeout=5))
     assert response.denied_response.status.code == 400
     assert (await client.check("/")).status.code == 0  # and it keeps serving
+
+
+CUSTOM = """
+apiVersion: config.istio.io/v1alpha2
+kind: handler
+metadata: {name: deny, namespace: istio-system}
+spec:
+  compiledAdapter: denier
+  params: {status: {code: 7, message: external says no}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: handler
+metadata: {name: probe, namespace: istio-system}
+spec: {compiledAdapter: probe}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext, namespace: shop}
+spec:
+  action: CUSTOM
+  provider: {name: %s}
+  rules: [{to: [{operation: {paths: ["/private*"]}}]}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("provider", "status", "message"),
+    [
+        ("deny.istio-system", 7, "external says no"),
+        ("probe", 0, ""),
+        ("nobody", 7, "CUSTOM provider 'nobody' is not a handler of this configuration"),
+    ],
+)
+async def test_custom_policies_ask_a_handler(
+    client: Client, tmp_path: Path, provider: str, status: int, message: str
+) -> None:
+    client.service.activate(snapshot_of(CUSTOM % provider, tmp_path))
+    response = await client.check("/private/1")
+    assert response.status.code == status
+    if status:
+        assert json.loads(response.denied_response.body)["error"] == message
+        denied_by = headers_of(response.denied_response.headers)["x-mixerhub-denied-by"]
+        assert denied_by == f"AuthorizationPolicy CUSTOM/{provider}"
+    assert (await client.check("/public")).status.code == 0

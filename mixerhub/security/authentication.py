@@ -133,6 +133,12 @@ class RequestAuthenticationSpec(Params):
 # --- what the check service reads --------------------------------------------------------------
 
 
+# Labelled once: a labels() lookup per request is measurable on the Check path.
+_CACHED = JWT_VERIFICATIONS.labels("cached")
+_REJECTED = JWT_VERIFICATIONS.labels("rejected")
+_VERIFIED = JWT_VERIFICATIONS.labels("verified")
+
+
 @dataclass(frozen=True, slots=True)
 class RequestIdentity:
     principal: str  # f"{iss}/{sub}"; "" when the token has no sub
@@ -257,7 +263,7 @@ class Authenticator:
                 if (hit := self.cache.get(rule.scope, token, generation)) is not None
             ]
             if len(hits) == len(here):
-                JWT_VERIFICATIONS.labels("cached").inc()
+                _CACHED.inc()
                 return _success(plan, rule, here, hits[0])
 
         now = time.time()
@@ -274,7 +280,7 @@ class Authenticator:
                 first = first or outcome
             if first is not None:
                 return _success(plan, rule, here, first)
-        JWT_VERIFICATIONS.labels("rejected").inc()
+        _REJECTED.inc()
         reason = next((f for f in failures if f != _ISSUER_NOT_ACCEPTED), _ISSUER_NOT_ACCEPTED)
         return AuthnResult(None, reason, (), ())
 
@@ -307,7 +313,7 @@ class Authenticator:
             return "token verification failed"
         if isinstance(outcome, str):
             return outcome
-        JWT_VERIFICATIONS.labels("verified").inc()
+        _VERIFIED.inc()
         verified = _verified(rule, parsed_token)
         self.cache.put(rule.scope, token, outcome, parsed_token.expires, verified)
         return verified

@@ -156,11 +156,15 @@ def _build_handlers(c: Compilation) -> tuple[dict[Ref, BuiltHandler], list[Handl
         if not field_errors:
             validated.append((ref, decl, info, params))
 
+    # A CUSTOM AuthorizationPolicy names a handler as its provider: that handler is used too.
+    providers = {p.provider for p in c.authorization if p.provider}
     built: dict[Ref, BuiltHandler] = {}
     fresh: list[Handler] = []
     previous = c.previous.handlers if c.previous else {}
     for ref, decl, info, params in validated:
         routed = c.handler_instances.get(ref)
+        if routed is None and providers & {ref.name, f"{ref.name}.{ref.namespace}", decl.display}:
+            routed = {}
         if routed is None or not c.build_handlers or c.errors:
             built[ref] = BuiltHandler(decl.display, info, params, None, "")
             continue
