@@ -34,6 +34,9 @@ LABELS_HEADER = "x-mixerhub-labels"
 SERVICE_ACCOUNT_HEADER = "x-mixerhub-service-account"
 
 # Trace context Envoy does not log on its own (request_id is already a field of the entry).
+# What the access log carries beyond its fields: gRPC is told from plain HTTP by content-type,
+# and Istio's access log reads x-forwarded-for and x-api-key.
+LOGGED_HEADERS = ("content-type", "x-forwarded-for", "x-api-key", "x-client-trace-id")
 TRACE_HEADERS = ("x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "traceparent")
 
 _TYPE = "type.googleapis.com/"
@@ -322,7 +325,9 @@ def _listener(options: BootstrapOptions) -> dict[str, Any]:
                         "transport_api_version": "V3",
                         "buffer_flush_interval": "1s",
                     },
-                    "additional_request_headers_to_log": list(TRACE_HEADERS),
+                    "additional_request_headers_to_log": [*TRACE_HEADERS, *LOGGED_HEADERS],
+                    "additional_response_headers_to_log": ["content-type", "grpc-status"],
+                    "additional_response_trailers_to_log": ["grpc-status", "grpc-message"],
                 },
             }
         ],

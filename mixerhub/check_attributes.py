@@ -1,10 +1,5 @@
-"""An ext_authz CheckRequest as Mixer attributes, each computed only when something reads it.
-
-The bag is a dict that fills itself: reading an attribute for the first time runs its extractor
-over the request (parsing an address, splitting a query string...) and keeps the result, so a
-request pays only for the attributes its rules and policies actually read. An attribute the
-request does not carry raises KeyError, as a missing attribute does in any bag.
-"""
+"""An ext_authz CheckRequest as Mixer attributes, each computed only when something reads it
+(see mixerhub.bag): a request pays only for the attributes its rules and policies read."""
 
 from __future__ import annotations
 
@@ -16,16 +11,11 @@ from urllib.parse import parse_qsl
 
 from envoy.service.auth.v3 import external_auth_pb2
 
+from mixerhub.bag import ABSENT, LazyBag
 from mixerhub.workload import WorkloadIdentity
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-
-class _Absent:
-    __slots__ = ()
-
-
-ABSENT: Any = _Absent()
 
 # Bounds on what one request may make the hub hold: hostile input is cut, not trusted.
 MAX_QUERY_PARAMS = 256
@@ -50,35 +40,9 @@ class CheckContext:
 Extractor = Callable[[CheckContext], Any]
 
 
-class CheckBag(dict[str, Any]):
-    """Attributes of one Check, filled in on first read. Use as any Mapping bag."""
-
-    __slots__ = ("_absent", "_context")
-
-    def __init__(self, context: CheckContext) -> None:
-        super().__init__()
-        self._context = context
-        self._absent: set[str] = set()
-
-    def __missing__(self, name: str) -> Any:
-        extractor = EXTRACTORS.get(name)
-        if extractor is None or name in self._absent:
-            raise KeyError(name)
-        value = extractor(self._context)
-        if value is ABSENT:
-            self._absent.add(name)
-            raise KeyError(name)
-        self[name] = value
-        return value
-
-    def get(self, name: str, default: Any = None) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            return default
-
-    def __contains__(self, name: object) -> bool:
-        return self.get(name, ABSENT) is not ABSENT if isinstance(name, str) else False
+def CheckBag(context: CheckContext) -> LazyBag[CheckContext]:
+    """The attributes of one Check, computed on first read."""
+    return LazyBag(context, EXTRACTORS)
 
 
 def _http(c: CheckContext) -> external_auth_pb2.AttributeContext.HttpRequest:

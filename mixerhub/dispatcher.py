@@ -1,10 +1,14 @@
-"""The dispatcher: compiled rules applied to one request's attributes.
+"""The dispatcher: compiled rules applied to one request's attributes, or to a batch of reports.
 
 For a Check, every rule whose match holds and whose actions use check or quota templates runs:
 its instances are built from the bag and handed to the handlers. Check actions run first and the
 first denial ends the check; quotas are asked for only when every check passed, so a denied
 request is never charged. Mixer's rule scoping holds: a rule in the mesh-wide namespace applies to
 every request, a rule in another namespace only to workloads of that namespace.
+
+For reports (access-log entries), every rule whose match holds builds its metric, logentry and
+tracespan instances; each handler then gets all the instances of a batch of entries in one call,
+never one call per entry.
 """
 
 from __future__ import annotations
@@ -205,3 +209,77 @@ def _fail(call: Call, error: Exception, outcome: CheckOutcome) -> None:
         reason = f"handler {call.handler} failed"
     outcome.failed = True
     outcome.deny(adapter.INTERNAL, reason, call)
+
+
+@dataclass(frozen=True, slots=True)
+class ReportRoute:
+    rule: CompiledRule
+    calls: tuple[Call, ...]
+
+
+class ReportDispatcher:
+    """The report side of one snapshot: routes built once, applied per batch of entries."""
+
+    def __init__(self, snapshot: Snapshot, mesh_namespace: str = ROOT_NAMESPACE) -> None:
+        routes: list[ReportRoute] = []
+        for rule in snapshot.rules:
+            calls = []
+            for action in rule.actions:
+                handler = action.handler.handler
+                if handler is None:
+                    continue
+                for instance in action.instances:
+                    if instance.template.variety is Variety.REPORT:
+                        method = getattr(handler, handler_method(instance.template.name))
+                        calls.append(
+                            Call(rule.name, action.handler.name, action.handler.adapter.name,
+                                 method, instance)
+                        )  # fmt: skip
+            if calls:
+                routes.append(ReportRoute(rule, tuple(calls)))
+        self._mesh = tuple(r for r in routes if r.rule.namespace == mesh_namespace)
+        self._by_namespace: dict[str, tuple[ReportRoute, ...]] = {}
+        for r in routes:
+            if r.rule.namespace != mesh_namespace:
+                self._by_namespace[r.rule.namespace] = (
+                    *self._by_namespace.get(r.rule.namespace, ()),
+                    r,
+                )
+        self.empty = not routes
+
+    def routes_for(self, namespace: str) -> tuple[ReportRoute, ...]:
+        return self._mesh + self._by_namespace.get(namespace, ())
+
+    def report(self, bags: Sequence[Bag], namespace: str) -> int:
+        """Apply the rules to each bag and hand each handler its instances in one call.
+        Returns how many instances were dispatched. Never raises."""
+        routes = self.routes_for(namespace)
+        if not routes:
+            return 0
+        batches: dict[Any, tuple[Call, list[Any]]] = {}
+        for bag in bags:
+            for route in routes:
+                if not _matches(route.rule, bag):
+                    continue
+                for call in route.calls:
+                    try:
+                        instance = call.instance.build(bag)
+                    except EvaluationError as e:
+                        # Mixer: an instance that cannot be built is skipped and counted.
+                        ADAPTER_ERRORS.labels(call.adapter).inc()
+                        log.debug("instance %s: %s", call.instance.name, e)
+                        continue
+                    batch = batches.get(call.method)
+                    if batch is None:
+                        batches[call.method] = (call, [instance])
+                    else:
+                        batch[1].append(instance)
+        dispatched = 0
+        for call, instances in batches.values():
+            dispatched += len(instances)
+            try:
+                call.method(instances)
+            except Exception:  # an adapter that broke its word must not break ingestion
+                ADAPTER_ERRORS.labels(call.adapter).inc()
+                log.exception("handler %s failed", call.handler)
+        return dispatched

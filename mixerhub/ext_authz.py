@@ -33,6 +33,7 @@ from prometheus_client import Counter, Histogram
 
 from mixerhub import adapter
 from mixerhub.adapter import QuotaArgs
+from mixerhub.bag import LazyBag
 from mixerhub.check_attributes import CheckBag, CheckContext
 from mixerhub.decision_cache import Decision, DecisionCache
 from mixerhub.dispatcher import CheckDispatcher, header_values
@@ -130,7 +131,9 @@ class Checker:
             return denied(decision)
         return allowed(decision, set_headers, remove_headers, context.identity)
 
-    async def _decide(self, bag: CheckBag, workload: WorkloadIdentity, http: Any) -> Decision:
+    async def _decide(
+        self, bag: LazyBag[CheckContext], workload: WorkloadIdentity, http: Any
+    ) -> Decision:
         if self.policies.applies(workload):
             verdict = self.policies.evaluate(workload, bag)
             for policy, action, matched in verdict.dry_run:
@@ -182,7 +185,7 @@ class Checker:
             valid_use_count=outcome.valid_use_count,
         )
 
-    async def _custom(self, provider: str, bag: CheckBag) -> Decision | None:
+    async def _custom(self, provider: str, bag: LazyBag[CheckContext]) -> Decision | None:
         """A CUSTOM policy's provider is a Mixer handler: the hub's own extension model stands
         where Istio puts an external authorizer. None when it allows."""
         denied_by = f"AuthorizationPolicy CUSTOM/{provider}"
@@ -223,7 +226,7 @@ def _provider_handler(snapshot: Snapshot, provider: str) -> BuiltHandler | None:
     return None
 
 
-def _authorization_instance(provider: str, bag: CheckBag) -> AuthorizationInstance:
+def _authorization_instance(provider: str, bag: LazyBag[CheckContext]) -> AuthorizationInstance:
     user = bag.get("request.auth.principal") or bag.get("source.principal") or ""
     return AuthorizationInstance(
         provider,

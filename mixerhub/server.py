@@ -70,6 +70,7 @@ class Hub:
         self._http: web.AppRunner | None = None
         self._watch: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
+        self.access_log = AccessLogService()
         self.authorization = AuthorizationService(
             FailurePolicy(options.check_fail_open, options.check_budget)
         )
@@ -77,7 +78,7 @@ class Hub:
     async def start(self) -> None:
         o = self.options
         self.grpc.add_generic_rpc_handlers((self.authorization.generic_handler(),))
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogService(), self.grpc)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.access_log, self.grpc)
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -97,6 +98,7 @@ class Hub:
         await web.TCPSite(self._http, o.address, o.http_port).start()
 
         self.store.subscribe(self.authorization.activate)
+        self.store.subscribe(self.access_log.activate)
         self.store.subscribe(self._on_snapshot)
         await self.store.load()
         self._watch = asyncio.create_task(self.store.run())
