@@ -273,6 +273,9 @@ def _listener(options: BootstrapOptions) -> dict[str, Any]:
         # The peer's own address, not X-Forwarded-For, is what remote_address descriptors see, so
         # a client cannot dodge a per-address limit by sending the header.
         "use_remote_address": True,
+        # Istio's default path normalization (BASE, RFC 3986): policies, routes and the upstream
+        # all see /a/../b as /b, so a DENY on a path cannot be dodged with dot segments.
+        "normalize_path": True,
         "route_config": {
             "name": "inbound",
             "virtual_hosts": [
