@@ -15,7 +15,7 @@ import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from prometheus_client import Counter
 
-from mixerhub.access_log_attributes import Reporter, http_bag, tcp_bag
+from mixerhub.access_log_attributes import BagPlan, Reporter
 from mixerhub.dispatcher import ReportDispatcher
 from mixerhub.monitoring import REGISTRY
 from mixerhub.snapshot import Snapshot
@@ -37,9 +37,11 @@ _HTTP, _TCP = ENTRIES.labels("http"), ENTRIES.labels("tcp")
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(self) -> None:
         self.reports: ReportDispatcher | None = None
+        self.plan = BagPlan(frozenset())
 
     def activate(self, snapshot: Snapshot) -> None:
         """A new snapshot: the next batch of every stream goes through its rules."""
+        self.plan = BagPlan(snapshot.referenced)
         self.reports = ReportDispatcher(snapshot)
 
     async def StreamAccessLogs(
@@ -57,18 +59,20 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
 
     def ingest(self, message: als_pb2.StreamAccessLogsMessage, reporter: Reporter) -> int:
         """One message's entries through the report rules; returns instances dispatched."""
+        reports, plan = self.reports, self.plan
         if message.HasField("http_logs"):
             entries = message.http_logs.log_entry
             _HTTP.inc(len(entries))
-            bags = [http_bag(e, reporter) for e in entries]
+            if reports is None or reports.empty:
+                return 0
+            bags = [plan.http_bag(e, reporter) for e in entries]
         elif message.HasField("tcp_logs"):
             entries = message.tcp_logs.log_entry
             _TCP.inc(len(entries))
-            bags = [tcp_bag(e, reporter) for e in entries]
+            if reports is None or reports.empty:
+                return 0
+            bags = [plan.tcp_bag(e, reporter) for e in entries]
         else:
-            return 0
-        reports = self.reports
-        if reports is None or reports.empty:
             return 0
         # Reports are scoped like Mixer's: by the namespace of the workload that reported.
         return reports.report(bags, reporter.namespace)

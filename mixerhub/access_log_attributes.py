@@ -10,6 +10,7 @@ reports the source side.
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ Extractor = Callable[[EntryContext], Any]
 
 
 def http_bag(entry: accesslog_pb2.HTTPAccessLogEntry, reporter: Reporter) -> LazyBag[EntryContext]:
+    """Every attribute, computed on first read (for tests and tools)."""
     return LazyBag(EntryContext(entry, reporter), HTTP_EXTRACTORS)
 
 
@@ -75,8 +77,41 @@ def tcp_bag(entry: accesslog_pb2.TCPAccessLogEntry, reporter: Reporter) -> LazyB
     return LazyBag(EntryContext(entry, reporter), TCP_EXTRACTORS)
 
 
+class BagPlan:
+    """The attributes one configuration reads, extracted up front into a plain dict.
+
+    On the report path nearly every referenced attribute is read for every entry, and a plain
+    dict reads at C speed where a self-filling bag pays a Python call per read; so each
+    snapshot plans its extraction once and each entry runs just that plan.
+    """
+
+    def __init__(self, referenced: frozenset[str]) -> None:
+        self.http = tuple((n, f) for n, f in HTTP_EXTRACTORS.items() if n in referenced)
+        self.tcp = tuple((n, f) for n, f in TCP_EXTRACTORS.items() if n in referenced)
+
+    def http_bag(self, entry: Any, reporter: Reporter) -> dict[str, Any]:
+        return _extract(self.http, EntryContext(entry, reporter))
+
+    def tcp_bag(self, entry: Any, reporter: Reporter) -> dict[str, Any]:
+        return _extract(self.tcp, EntryContext(entry, reporter))
+
+
+def _extract(plan: tuple[tuple[str, Extractor], ...], c: EntryContext) -> dict[str, Any]:
+    bag = {}
+    for name, extract in plan:
+        value = extract(c)
+        if value is not ABSENT:
+            bag[name] = value
+    return bag
+
+
 def _ip(address: address_pb2.Address) -> Any:
-    text = address.socket_address.address
+    return _parse_ip(address.socket_address.address)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(text: str) -> Any:
+    # The same few peer addresses come back entry after entry: parse each once.
     if not text:
         return ABSENT
     try:

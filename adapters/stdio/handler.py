@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
+
+import orjson
 
 from mixerhub.adapter import Env, ExportResult, Handler, InstanceSpec
 from mixerhub.attributes import format_value
@@ -16,6 +17,9 @@ from mixerhub.templates import LogEntryInstance, MetricInstance
 from .config import Level, StdioParams
 from .writer import LineWriter, RotatingFile
 
+# orjson writes timestamps in RFC 3339 itself (UTC as "Z"); format_value handles the rest
+# (durations in Go's notation, IPs as text) without a pass over every value first.
+_JSON = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
 _RANK: Mapping[str, int] = {"INFO": 0, "WARNING": 1, "ERROR": 2}
 _NAME: Mapping[str, str] = {"INFO": "info", "WARNING": "warn", "ERROR": "error"}
 
@@ -54,8 +58,7 @@ class StdioHandler(Handler):
             level = self._level(i.severity)
             if _RANK[level] < self._min_rank:
                 continue
-            fields = {k: format_value(v) for k, v in i.variables.items()}
-            lines.append(self._line(level, i.timestamp, i.name, fields))
+            lines.append(self._line(level, i.timestamp, i.name, i.variables))
         return self._write(lines)
 
     def handle_metric(self, instances: Sequence[MetricInstance]) -> ExportResult:
@@ -63,8 +66,7 @@ class StdioHandler(Handler):
             return ExportResult.SUCCESS
         lines = []
         for i in instances:
-            fields = {"value": format_value(i.value)}
-            fields.update((k, format_value(v)) for k, v in i.dimensions.items())
+            fields = {"value": i.value, **i.dimensions}
             lines.append(self._line(self._metric_level, None, i.name, fields))
         return self._write(lines)
 
@@ -74,11 +76,12 @@ class StdioHandler(Handler):
     def _line(
         self, level: Level, at: datetime.datetime | None, instance: str, fields: dict[str, Any]
     ) -> str:
-        when = format_value(at or datetime.datetime.now(datetime.UTC))
+        when = at or datetime.datetime.now(datetime.UTC)
         if self.params.output_as_json:
             record = {"level": _NAME[level], "time": when, "instance": instance, **fields}
-            return json.dumps(record, separators=(",", ":"), default=str)
-        return f"{when}\t{_NAME[level]}\t{instance}\t{json.dumps(fields, default=str)}"
+            return orjson.dumps(record, default=format_value, option=_JSON).decode()
+        text = orjson.dumps(fields, default=format_value, option=_JSON).decode()
+        return f"{format_value(when)}\t{_NAME[level]}\t{instance}\t{text}"
 
     def _write(self, lines: list[str]) -> ExportResult:
         if not lines:

@@ -66,8 +66,8 @@ async def test_text_lines_and_severity_levels(tmp_path: Path) -> None:
     h.handle_logentry([entry("Info", a=1), entry("warning", b=2), entry("ERR", c=3), entry("odd")])
     lines = await lines_of(h, out)
     assert lines == [
-        '2026-11-25T12:00:00.500000Z\twarn\taccesslog.instance.istio-system\t{"b": 2}',
-        '2026-11-25T12:00:00.500000Z\terror\taccesslog.instance.istio-system\t{"c": 3}',
+        '2026-11-25T12:00:00.500000Z\twarn\taccesslog.instance.istio-system\t{"b":2}',
+        '2026-11-25T12:00:00.500000Z\terror\taccesslog.instance.istio-system\t{"c":3}',
     ]
 
 
