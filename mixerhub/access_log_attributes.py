@@ -57,12 +57,13 @@ class Reporter:
 
 
 class EntryContext:
-    __slots__ = ("common", "entry", "reporter")
+    __slots__ = ("common", "entry", "reporter", "start")
 
     def __init__(self, entry: Any, reporter: Reporter) -> None:
         self.entry = entry
         self.common = entry.common_properties
         self.reporter = reporter
+        self.start: Any = None  # request.time, computed once: three attributes need it
 
 
 Extractor = Callable[[EntryContext], Any]
@@ -129,10 +130,14 @@ def _duration(d: Any) -> datetime.timedelta:
 
 
 def _start(c: EntryContext) -> Any:
-    t = c.common.start_time
-    if not t.seconds and not t.nanos:
-        return ABSENT
-    return _EPOCH + datetime.timedelta(seconds=t.seconds, microseconds=t.nanos // 1000)
+    if c.start is None:
+        t = c.common.start_time
+        c.start = (
+            _EPOCH + datetime.timedelta(seconds=t.seconds, microseconds=t.nanos // 1000)
+            if t.seconds or t.nanos
+            else ABSENT
+        )
+    return c.start
 
 
 def _elapsed(c: EntryContext) -> Any:
@@ -191,12 +196,15 @@ _FLAGS = (
 )  # fmt: skip
 
 
+_FLAG_CODES = {name: code for name, code in _FLAGS} | {"unauthorized_details": "UAEX"}
+
+
 def _response_flags(c: EntryContext) -> str:
-    flags = c.common.response_flags
-    codes = [code for name, code in _FLAGS if getattr(flags, name, False)]
-    if flags.HasField("unauthorized_details"):
-        codes.append("UAEX")
-    return ",".join(codes) if codes else "-"
+    # ListFields() names only the flags that are set, in C: most entries have none.
+    fields = c.common.response_flags.ListFields()
+    if not fields:
+        return "-"
+    return ",".join(_FLAG_CODES[f.name] for f, value in fields if value and f.name in _FLAG_CODES)
 
 
 _METHODS = {
@@ -232,6 +240,13 @@ def _host(c: EntryContext) -> Any:
     if authority.startswith("["):  # [v6]:port
         return authority.split("]", 1)[0] + "]"
     return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+
+
+def _service_name(host: Any) -> Any:
+    """reviews.shop.svc.cluster.local -> reviews; an address names no service."""
+    if host is ABSENT or _parse_ip(host.strip("[]")) is not ABSENT:
+        return ABSENT
+    return host.split(".", 1)[0]
 
 
 def _protocol(c: EntryContext) -> str:
@@ -356,9 +371,7 @@ HTTP_EXTRACTORS: Mapping[str, Extractor] = {
         lambda c: c.entry.response.response_trailers.get("grpc-message", "")
     ),
     "destination.service.host": _host,
-    "destination.service.name": lambda c: (
-        h.split(".", 1)[0] if (h := _host(c)) is not ABSENT else ABSENT
-    ),
+    "destination.service.name": lambda c: _service_name(_host(c)),
     "destination.service.namespace": _side(_reporter(lambda r: r.namespace), _none),
 }
 

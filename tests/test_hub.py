@@ -38,6 +38,9 @@ def test_the_default_config_serves_http_and_grpc(hub: Hub) -> None:
     assert {r["name"] for r in configz["active"]["rules"]} == {
         "stdio.rule.istio-system",
         "stdiotcp.rule.istio-system",
+        "promhttp.rule.istio-system",
+        "promtcp.rule.istio-system",
+        "promtcpconnectionclosed.rule.istio-system",
     }
     adapters = hub.get("/debug/adapters").json()
     names = {a["name"]: a for a in adapters["adapters"]}

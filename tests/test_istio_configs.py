@@ -1,7 +1,7 @@
 """Istio 1.4's own Mixer configuration (tests/data/istio-1.4) loads unchanged.
 
-Some documents need adapters, templates or kinds that arrive with later work (prometheus and
-kubernetesenv with telemetry; redisquota, QuotaSpec and QuotaSpecBinding with quotas;
+Some documents need adapters, templates or kinds that arrive with later work (kubernetesenv
+with telemetry; redisquota, QuotaSpec and QuotaSpecBinding with quotas;
 DestinationRule with xDS). Each such error is listed here, exactly, so this test fails both when
 something else breaks and when one of them starts to load: then it comes off this list. A
 reference to a resource that failed is not reported again, so only the root causes are listed.
@@ -24,12 +24,9 @@ FIXTURES = sorted(p.relative_to(DATA).as_posix() for p in DATA.rglob("*.yaml"))
 _ADAPTER = "spec.compiledAdapter", "unknown adapter"
 _TEMPLATE = "spec.compiledTemplate", "unknown template"
 NOT_YET = {
-    # telemetry issue: the prometheus adapter; kubernetesenv and its attribute-producing template
-    ("telemetry.yaml", "handler/prometheus", *_ADAPTER),
+    # telemetry issue: kubernetesenv and its attribute-producing template
     ("telemetry.yaml", "handler/kubernetesenv", *_ADAPTER),
     ("telemetry.yaml", "instance/attributes", "spec.attributeBindings", "attribute-producing"),
-    ("policy/mixer-rule-additional-telemetry.yaml", "handler/prometheusdouble", *_ADAPTER),
-    ("policy/mixer-rule-kubernetesenv-telemetry.yaml", "handler/kubeenvhandler", *_ADAPTER),
     # xDS issue: networking kinds
     ("telemetry.yaml", "DestinationRule/istio-telemetry", "kind", "unknown kind"),
     # quota issue: redisquota, QuotaSpec, QuotaSpecBinding

@@ -63,6 +63,9 @@ def test_the_shipped_default_compiles() -> None:
     assert {r.name for r in snapshot.rules} == {
         "stdio.rule.istio-system",
         "stdiotcp.rule.istio-system",
+        "promhttp.rule.istio-system",
+        "promtcp.rule.istio-system",
+        "promtcpconnectionclosed.rule.istio-system",
     }
     assert "request.time" in snapshot.referenced
 
