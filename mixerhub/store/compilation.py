@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from mixerhub.adapter import InstanceSpec
 from mixerhub.attributes import ValueType
+from mixerhub.expression import Expression, compile_expression
 from mixerhub.registry import Registry
 from mixerhub.security.enforcement import CompiledPolicy
 from mixerhub.snapshot import BuiltHandler, CompiledInstance, CompiledRule, Snapshot
@@ -62,6 +63,7 @@ class Compilation:
     )
     built: dict[Ref, BuiltHandler] = field(default_factory=dict)
     names: dict[tuple[str, Ref], Document] = field(default_factory=dict)
+    _expressions: dict[tuple[str, ValueType | None], Expression] = field(default_factory=dict)
     # Resources that failed with an error of their own: a reference to one is not reported again.
     broken: dict[str, dict[Ref, Document]] = field(default_factory=dict)
     authorization: list[CompiledPolicy] = field(default_factory=list)
@@ -69,6 +71,15 @@ class Compilation:
 
     def error(self, document: Document, path: str, reason: str) -> None:
         self.errors.append(document.error(path, reason))
+
+    def compile_expression(self, source: str, expected: ValueType | None = None) -> Expression:
+        """The expression compiled once per configuration: the same text in many instances is
+        one function, so an entry's bag can keep its result for all of them."""
+        key = (source, expected)
+        expr = self._expressions.get(key)
+        if expr is None:
+            expr = self._expressions[key] = compile_expression(source, self.attributes, expected)
+        return expr
 
     def mark_broken(self, group: str, document: Document) -> None:
         self.broken.setdefault(group, {})[Ref(document.name, document.namespace)] = document
