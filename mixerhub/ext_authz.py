@@ -352,12 +352,23 @@ def _header(name: str, value: str, append: bool = False) -> base_pb2.HeaderValue
     )
 
 
+# A plain allowance carries nothing of the request: one message serves them all.
+_ALLOW = external_auth_pb2.CheckResponse(
+    status=status_pb2.Status(code=0), ok_response=external_auth_pb2.OkHttpResponse()
+)
+
+
 def allowed(
     decision: Decision,
     set_headers: tuple[tuple[str, str], ...],
     remove_headers: tuple[str, ...],
     identity: Mapping[str, object],
 ) -> external_auth_pb2.CheckResponse:
+    if not (
+        identity or set_headers or remove_headers or decision.request_headers
+        or decision.response_headers
+    ):  # fmt: skip
+        return _ALLOW
     ok = external_auth_pb2.OkHttpResponse()
     for operation, name, value in decision.request_headers:
         if operation == "REMOVE":
