@@ -386,4 +386,5 @@ TCP_EXTRACTORS: Mapping[str, Extractor] = {
     # Envoy's TCP access log writes one entry when the connection closes.
     "connection.event": lambda c: "close",
     "destination.service.host": _text(lambda c: c.common.upstream_cluster),
+    "destination.service.namespace": _side(_reporter(lambda r: r.namespace), _none),
 }

@@ -7,6 +7,11 @@ for is described twice: in the node metadata, with the keys Istio's proxies send
 WORKLOAD_NAME, LABELS, SERVICE_ACCOUNT), and in each ext_authz / rate-limit call's gRPC initial
 metadata, because Check and ShouldRateLimit requests do not carry the node.
 
+With ``protocol="tcp"`` (``mixerhub bootstrap --tcp``) the listener is an
+``envoy.filters.network.tcp_proxy`` to the upstream instead, with no ext_authz or rate limits: Envoy
+streams one ``envoy.access_loggers.tcp_grpc`` entry per connection, when it closes, to the hub,
+which turns it into Istio's ``istio_tcp_*`` metrics. The node metadata is the same either way.
+
 Field names follow the v3 protos (``envoy.config.bootstrap.v3.Bootstrap`` and the typed configs
 named by each ``@type``); ``envoy --mode validate`` accepts the output.
 """
@@ -18,7 +23,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 
@@ -48,6 +53,13 @@ _RATELIMIT_TYPE = _TYPE + "envoy.extensions.filters.http.ratelimit.v3.RateLimit"
 _ROUTER_TYPE = _TYPE + "envoy.extensions.filters.http.router.v3.Router"
 _HTTP_GRPC_LOG_TYPE = _TYPE + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
 _HTTP_OPTIONS_TYPE = _TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_TCP_PROXY_TYPE = _TYPE + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+_TCP_GRPC_LOG_TYPE = _TYPE + "envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig"
+
+# What Envoy's listener speaks: "http" (the HTTP connection manager with ext_authz, rate limits
+# and the HTTP access log) or "tcp" (a plain TCP proxy with the TCP access log).
+ListenerProtocol = Literal["http", "tcp"]
+LISTENER_PROTOCOLS: tuple[ListenerProtocol, ...] = get_args(ListenerProtocol)
 
 # Label keys and values go into one header value, "k=v,k2=v2": the separators cannot appear in
 # them, nor can anything a header value may not hold.
@@ -93,6 +105,7 @@ class BootstrapOptions:
     node_id: str | None = None
     ratelimit_domain: str = "mixerhub"
     listen_address: str = "127.0.0.1"
+    protocol: ListenerProtocol = "http"
 
     def __post_init__(self) -> None:
         _check_port("listen_port", self.listen_port)
@@ -104,6 +117,10 @@ class BootstrapOptions:
             raise ValueError("ratelimit_domain: must not be empty")
         if self.node_id is not None and not self.node_id:
             raise ValueError("node_id: must not be empty (leave it unset for the default)")
+        if self.protocol not in LISTENER_PROTOCOLS:
+            raise ValueError(
+                f"protocol: {self.protocol!r} is not one of {', '.join(LISTENER_PROTOCOLS)}"
+            )
 
     @property
     def resolved_node_id(self) -> str:
@@ -188,6 +205,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="default: sidecar~127.0.0.1~NAME.NS~NS.svc.cluster.local",
     )
     parser.add_argument("--ratelimit-domain", default=defaults.ratelimit_domain, metavar="DOMAIN")
+    parser.add_argument(
+        "--tcp",
+        action="store_true",
+        help="proxy plain TCP (envoy.filters.network.tcp_proxy, TCP access log to the hub)"
+        " instead of HTTP with ext_authz and rate limits",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> BootstrapOptions:
@@ -213,6 +236,7 @@ def options_from_args(args: argparse.Namespace) -> BootstrapOptions:
         ratelimit_domain=_with_flag(
             "--ratelimit-domain", lambda: _non_empty(args.ratelimit_domain)
         ),
+        protocol="tcp" if args.tcp else "http",
     )
 
 
@@ -255,6 +279,8 @@ def parse_labels(text: str) -> dict[str, str]:
 
 
 def _listener(options: BootstrapOptions) -> dict[str, Any]:
+    if options.protocol == "tcp":
+        return _tcp_listener(options)
     workload = options.workload
     route = {
         "cluster": UPSTREAM_CLUSTER,
@@ -344,6 +370,36 @@ def _listener(options: BootstrapOptions) -> dict[str, Any]:
                     {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
                 ]
             },
+        ],
+    }
+
+
+def _tcp_listener(options: BootstrapOptions) -> dict[str, Any]:
+    """A TCP proxy to the upstream; each connection is logged to the hub when it closes."""
+    tcp_proxy = {
+        "@type": _TCP_PROXY_TYPE,
+        "stat_prefix": STAT_PREFIX,
+        "cluster": UPSTREAM_CLUSTER,
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.tcp_grpc",
+                "typed_config": {
+                    "@type": _TCP_GRPC_LOG_TYPE,
+                    "common_config": {
+                        "log_name": ACCESS_LOG_NAME,
+                        "grpc_service": _hub_service(),
+                        "transport_api_version": "V3",
+                        "buffer_flush_interval": "1s",
+                    },
+                },
+            }
+        ],
+    }
+    return {
+        "name": "inbound",
+        "address": _socket_address(options.listen_address, options.listen_port),
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": tcp_proxy}]},
         ],
     }
 

@@ -19,6 +19,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2,
 )
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from google.protobuf import json_format
 
@@ -291,3 +292,106 @@ def test_options_are_checked_when_built_directly() -> None:
         BootstrapOptions(upstream=("127.0.0.1", 8080), listen_port=0)
     with pytest.raises(ValueError, match=r"workload.labels: 'a,b'='c' is not a valid label"):
         Workload(labels={"a,b": "c"})
+
+
+# --tcp: a TCP proxy with the TCP access log ----------------------------------------------------
+
+TCP_OPTION_SETS = {
+    "tcp-ip-upstream": BootstrapOptions(upstream=("127.0.0.1", 8080), protocol="tcp"),
+    "tcp-dns-upstream": BootstrapOptions(
+        upstream=("localhost", 8080), hub=("mixerhub.local", 9091), protocol="tcp"
+    ),
+    "tcp-labels": BootstrapOptions(upstream=("10.0.0.7", 9080), workload=REVIEWS, protocol="tcp"),
+    "tcp-ipv6": BootstrapOptions(
+        upstream=("::1", 8080), hub=("::1", 9091), listen_address="::1", protocol="tcp"
+    ),
+}
+
+
+def _network_filters(config: dict[str, Any]) -> list[dict[str, Any]]:
+    (chain,) = config["static_resources"]["listeners"][0]["filter_chains"]
+    filters: list[dict[str, Any]] = chain["filters"]
+    return filters
+
+
+@pytest.mark.parametrize("options", TCP_OPTION_SETS.values(), ids=TCP_OPTION_SETS.keys())
+def test_envoy_validate_accepts_the_tcp_bootstrap(
+    options: BootstrapOptions, tmp_path: Path
+) -> None:
+    path = tmp_path / "envoy.yaml"
+    path.write_text(render_yaml(options))
+    command = [sibling_executable("envoy"), "--mode", "validate", "-c", str(path)]
+    command += ["--base-id", str(next_base_id()), "--disable-hot-restart"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, f"{render_yaml(options)}\n{result.stdout}\n{result.stderr}"
+    assert "OK" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("options", TCP_OPTION_SETS.values(), ids=TCP_OPTION_SETS.keys())
+def test_tcp_bootstrap_parses_as_the_v3_proto(options: BootstrapOptions) -> None:
+    json_format.ParseDict(static_bootstrap(options), bootstrap_pb2.Bootstrap())
+
+
+def test_tcp_listener_proxies_to_the_upstream_and_logs_to_the_hub() -> None:
+    config = static_bootstrap(TCP_OPTION_SETS["tcp-ip-upstream"])
+    (tcp_filter,) = _network_filters(config)
+    assert tcp_filter["name"] == "envoy.filters.network.tcp_proxy"
+    proxy = tcp_filter["typed_config"]
+    assert proxy["@type"] == (
+        "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+    )
+    assert proxy["stat_prefix"] == "inbound"
+    assert proxy["cluster"] == "upstream"
+    (log,) = proxy["access_log"]
+    assert log["name"] == "envoy.access_loggers.tcp_grpc"
+    assert log["typed_config"] == {
+        "@type": "type.googleapis.com/"
+        "envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig",
+        "common_config": {
+            "log_name": "mixerhub",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "mixerhub"}},
+            "transport_api_version": "V3",
+            "buffer_flush_interval": "1s",
+        },
+    }
+    # No HTTP machinery: no connection manager, no ext_authz, no rate limits.
+    assert "http_connection_manager" not in render_yaml(TCP_OPTION_SETS["tcp-ip-upstream"])
+    assert "ext_authz" not in render_yaml(TCP_OPTION_SETS["tcp-ip-upstream"])
+
+
+def test_tcp_bootstrap_keeps_node_clusters_admin_and_listener_address() -> None:
+    for name in ("ip-upstream", "dns-upstream", "labels", "ipv6"):
+        http = static_bootstrap(OPTION_SETS[name])
+        tcp = static_bootstrap(TCP_OPTION_SETS[f"tcp-{name}"])
+        assert tcp["node"] == http["node"]
+        assert tcp["admin"] == http["admin"]
+        assert tcp["static_resources"]["clusters"] == http["static_resources"]["clusters"]
+        tcp_listener = tcp["static_resources"]["listeners"][0]
+        http_listener = http["static_resources"]["listeners"][0]
+        assert tcp_listener["name"] == http_listener["name"]
+        assert tcp_listener["address"] == http_listener["address"]
+
+
+def test_http_stays_the_default() -> None:
+    options = BootstrapOptions(upstream=("127.0.0.1", 8080))
+    assert options.protocol == "http"
+    (hcm_filter,) = _network_filters(static_bootstrap(options))
+    assert hcm_filter["name"] == "envoy.filters.network.http_connection_manager"
+    assert static_bootstrap(options) == static_bootstrap(
+        BootstrapOptions(upstream=("127.0.0.1", 8080), protocol="http")
+    )
+
+
+def test_options_from_args_tcp_flag() -> None:
+    assert _parse("--upstream", "127.0.0.1:8080").protocol == "http"
+    assert _parse("--upstream", "127.0.0.1:8080", "--tcp") == BootstrapOptions(
+        upstream=("127.0.0.1", 8080), protocol="tcp"
+    )
+    options = _parse("--upstream=reviews.bookinfo:9080", "--workload=reviews-v1", "--tcp")
+    assert options.protocol == "tcp"
+    assert options.workload.name == "reviews-v1"
+
+
+def test_protocol_is_checked_when_built_directly() -> None:
+    with pytest.raises(ValueError, match=r"protocol: 'udp' is not one of http, tcp"):
+        BootstrapOptions(upstream=("127.0.0.1", 8080), protocol="udp")  # type: ignore[arg-type]
