@@ -29,7 +29,7 @@ from mixerhub.templates import MetricInstance
 
 from ..statsd.config import parse_address
 from ..statsd.names import dimension_text
-from ..statsd.udp import UdpEndpoint
+from ..statsd.udp import Outage, UdpEndpoint
 from .config import DogStatsdParams
 
 _MS = datetime.timedelta(milliseconds=1)
@@ -59,7 +59,8 @@ class DogStatsdHandler(Handler):
     def __init__(self, params: DogStatsdParams, env: Env) -> None:
         self.params, self.env = params, env
         host, port = parse_address(params.address)
-        self._endpoint = UdpEndpoint(host, port, self._socket_error)
+        self._outage = Outage("dogstatsd", env, f"{host}:{port}")
+        self._endpoint = UdpEndpoint(host, port, self._outage.error)
         self._client = _client(params, host, port)
         self._client.socket = cast(socket.socket, _EndpointSocket(self._endpoint, self._lost))
         self._emit: Mapping[Kind, Callable[[str, float, list[str]], None]] = {
@@ -75,7 +76,6 @@ class DogStatsdHandler(Handler):
             for instance, info in params.metrics.items()
         }
         self._per_datagram = params.buffer_length
-        self._failing = False
         self._lost_count = 0  # datagram lines the OS refused, all time
         self._sender: BatchSender[Sample] = BatchSender(
             env.adapter, env.handler, self._send, params.batching
@@ -112,27 +112,12 @@ class DogStatsdHandler(Handler):
                     emit[s.kind](s.name, s.value, s.tags)
             finally:
                 client.close_buffer()
-        if self._failing and self._lost_count == lost_before and self._endpoint.connected:
-            self._failing = False
-            self.env.logger.info("dogstatsd %s: sending to %s again", self.env.handler, self._where)
+        if self._lost_count == lost_before and self._endpoint.connected:
+            self._outage.recovered()
 
     def _lost(self, n: int) -> None:
         self._lost_count += n
         self.env.count_dropped("send_failed", n)
-
-    def _socket_error(self, exc: OSError) -> None:
-        # UDP reports a missing agent late (ICMP port unreachable, on a later send or receive):
-        # count it; log once per outage.
-        self.env.count_error()
-        if not self._failing:
-            self._failing = True
-            self.env.logger.warning(
-                "dogstatsd %s: sending to %s failed: %s", self.env.handler, self._where, exc
-            )
-
-    @property
-    def _where(self) -> str:
-        return f"{self._endpoint.host}:{self._endpoint.port}"
 
     async def close(self) -> None:
         await self._sender.close()

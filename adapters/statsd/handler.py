@@ -19,7 +19,7 @@ from mixerhub.templates import MetricInstance
 from . import lines
 from .config import DEFAULT_FLUSH_BYTES, StatsdParams, flush_interval_given, parse_address
 from .names import NameTemplate
-from .udp import UdpEndpoint
+from .udp import Outage, UdpEndpoint
 
 _FORMAT: Mapping[str, Callable[[str, object, str], str | None]] = {
     "COUNTER": lines.counter,
@@ -50,8 +50,8 @@ class StatsdHandler(Handler):
         }
         # Mixer sent 512-byte datagrams when flushBytes was 0.
         self._flush_bytes = params.flush_bytes or DEFAULT_FLUSH_BYTES
-        self._failing = False
-        self._endpoint = UdpEndpoint(host, port, self._socket_error)
+        self._outage = Outage("statsd", env, f"{host}:{port}")
+        self._endpoint = UdpEndpoint(host, port, self._outage.error)
         self._sender: BatchSender[str] = BatchSender(
             env.adapter, env.handler, self._send, _batching(params)
         )
@@ -89,23 +89,8 @@ class StatsdHandler(Handler):
                 dropped += count
         if dropped:
             self.env.count_dropped("send_failed", dropped)
-        elif self._failing and self._endpoint.connected:
-            self._failing = False
-            self.env.logger.info("statsd %s: sending to %s again", self.env.handler, self._where)
-
-    def _socket_error(self, exc: OSError) -> None:
-        # UDP reports a missing receiver late (ICMP port unreachable, on a later send or
-        # receive): count it; log once per outage.
-        self.env.count_error()
-        if not self._failing:
-            self._failing = True
-            self.env.logger.warning(
-                "statsd %s: sending to %s failed: %s", self.env.handler, self._where, exc
-            )
-
-    @property
-    def _where(self) -> str:
-        return f"{self._endpoint.host}:{self._endpoint.port}"
+        elif self._endpoint.connected:
+            self._outage.recovered()
 
     async def close(self) -> None:
         await self._sender.close()

@@ -14,6 +14,33 @@ import contextlib
 import socket
 from collections.abc import Callable
 
+from mixerhub.adapter import Env
+
+
+class Outage:
+    """Socket errors of one handler: each counted, logged once when an outage starts and once
+    when sending works again. UDP reports a missing receiver late (an ICMP port unreachable, on
+    a later send or receive), so the error rarely belongs to the datagram that met it."""
+
+    def __init__(self, what: str, env: Env, where: str) -> None:
+        self.what, self.env, self.where = what, env, where
+        self.failing = False
+
+    def error(self, exc: OSError) -> None:
+        self.env.count_error()
+        if not self.failing:
+            self.failing = True
+            self.env.logger.warning(
+                "%s %s: sending to %s failed: %s", self.what, self.env.handler, self.where, exc
+            )
+
+    def recovered(self) -> None:
+        if self.failing:
+            self.failing = False
+            self.env.logger.info(
+                "%s %s: sending to %s again", self.what, self.env.handler, self.where
+            )
+
 
 class UdpEndpoint:
     """A connected UDP socket owned by the running event loop."""
