@@ -1017,3 +1017,23 @@ def test_the_hot_path_reads_no_configuration(tmp_path: Path, key_cache: jwks.Jwk
     assert isinstance(r.verifier.keys, jwks.RemoteKeys)
     assert r.verifier.keys.discovery
     assert r.verifier.keys.url == "https://idp.example/.well-known/openid-configuration"
+
+
+async def test_a_repeated_request_gets_its_result_again_while_the_token_is_good(
+    tmp_path: Path, issuer: OidcIssuer
+) -> None:
+    auth = authenticator(tmp_path, policy(rule(issuer)))
+    token = issuer.token("alice", ["shop"])
+    first = await auth.authenticate(WEB, bearer(token), "")
+    assert first.identity is not None
+    # Same token in the same place: the very result, with no extraction or verification.
+    assert await auth.authenticate(WEB, bearer(token), "") is first
+    other = await auth.authenticate(WEB, bearer(issuer.token("bob", ["shop"])), "")
+    assert other.identity is not None
+    assert other.identity.principal.endswith("/bob")
+    # Once the token cache no longer vouches for the token (expired, or its keys changed), the
+    # result is made afresh rather than served from memory.
+    authentication.TOKEN_CACHE.clear()
+    again = await auth.authenticate(WEB, bearer(token), "")
+    assert again is not first
+    assert again.identity == first.identity
