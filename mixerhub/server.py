@@ -71,6 +71,7 @@ class Hub:
         self._watch: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
         self.access_log = AccessLogService()
+        self.rate_limit = RateLimitService()
         self.authorization = AuthorizationService(
             FailurePolicy(options.check_fail_open, options.check_budget)
         )
@@ -79,7 +80,7 @@ class Hub:
         o = self.options
         self.grpc.add_generic_rpc_handlers((self.authorization.generic_handler(),))
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.access_log, self.grpc)
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(), self.grpc)
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.rate_limit, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (
@@ -99,6 +100,7 @@ class Hub:
 
         self.store.subscribe(self.authorization.activate)
         self.store.subscribe(self.access_log.activate)
+        self.store.subscribe(self.rate_limit.activate)
         self.store.subscribe(self._on_snapshot)
         await self.store.load()
         self._watch = asyncio.create_task(self.store.run())

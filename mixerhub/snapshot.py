@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from mixerhub.adapter import AdapterInfo, Handler, InstanceSpec
 from mixerhub.attributes import ValueType
 from mixerhub.expression import Expression
+from mixerhub.ratelimit.matching import RateLimits
 from mixerhub.security.enforcement import PolicySet
 from mixerhub.store.documents import Document
 from mixerhub.templates import Template, Variety
@@ -106,6 +107,8 @@ class Snapshot:
     authorization: PolicySet = field(default_factory=PolicySet)
     # Istio RequestAuthentications, compiled (mixerhub.security.authentication).
     authenticator: Authenticator = field(default_factory=_no_authentication)
+    # envoyproxy/ratelimit RateLimitConfigs, compiled (mixerhub.ratelimit.config).
+    rate_limits: RateLimits = field(default_factory=RateLimits)
 
     def configz(self) -> dict[str, Any]:
         """The active configuration as JSON-ready data, for /debug/configz."""

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from mixerhub.adapter import InstanceSpec
 from mixerhub.attributes import ValueType
 from mixerhub.expression import Expression, compile_expression
+from mixerhub.ratelimit.matching import Domain
 from mixerhub.registry import Registry
 from mixerhub.security.enforcement import CompiledPolicy
 from mixerhub.snapshot import BuiltHandler, CompiledInstance, CompiledRule, Snapshot
@@ -68,6 +69,8 @@ class Compilation:
     broken: dict[str, dict[Ref, Document]] = field(default_factory=dict)
     authorization: list[CompiledPolicy] = field(default_factory=list)
     request_authentications: list[RequestAuthenticationPolicy] = field(default_factory=list)
+    # RateLimitConfigs by domain (mixerhub.ratelimit.config).
+    rate_limits: dict[str, Domain] = field(default_factory=dict)
 
     def error(self, document: Document, path: str, reason: str) -> None:
         self.errors.append(document.error(path, reason))

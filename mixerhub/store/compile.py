@@ -17,6 +17,8 @@ from typing import Any
 from mixerhub.adapter import AdapterInfo, Env, Handler, InstanceSpec, check_handler
 from mixerhub.attributes import ValueType
 from mixerhub.monitoring import REGISTRY
+from mixerhub.ratelimit import config as ratelimit_config
+from mixerhub.ratelimit.matching import RateLimits
 from mixerhub.registry import Registry
 from mixerhub.security import authentication, authorization
 from mixerhub.security.enforcement import PolicySet
@@ -33,6 +35,7 @@ KINDS = kind_table(
         *mixer_kinds.KINDS,
         authorization.AUTHORIZATION_POLICY,
         authentication.REQUEST_AUTHENTICATION,
+        ratelimit_config.RATE_LIMIT_CONFIG,
     )
 )
 
@@ -116,6 +119,7 @@ def compile_snapshot(
         referenced=referenced,
         authorization=PolicySet(c.authorization),
         authenticator=authentication.Authenticator(c.request_authentications),
+        rate_limits=RateLimits(dict(c.rate_limits)),
     )
 
 
