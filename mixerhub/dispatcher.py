@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mixerhub import adapter
@@ -28,6 +28,9 @@ from mixerhub.templates import Variety
 from mixerhub.types import Bag
 
 log = logging.getLogger("mixerhub.dispatcher")
+
+# Quota answers that say the adapter could not decide, rather than that the quota is spent.
+_FAILURES = frozenset({adapter.DEADLINE_EXCEEDED, adapter.INTERNAL, adapter.UNAVAILABLE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,9 @@ class CheckDispatcher:
         self.referenced = frozenset().union(*(r.rule.referenced for r in routes))
         self.uses_quota = any(r.quotas for r in routes)
         self.empty = not routes
+        # Quota instances a QuotaSpec names are charged only as the bound specs say.
+        self._charges = snapshot.quota_charges
+        self._governed = snapshot.quota_charges.governed
 
     def routes_for(self, namespace: str) -> tuple[CheckRoute, ...]:
         return self._mesh + self._by_namespace.get(namespace, ())
@@ -111,15 +117,25 @@ class CheckDispatcher:
                 if not result.ok:
                     outcome.deny(result.status, result.message, call)
                     return outcome
+        charges: dict[str, int] | None = None
         for route in routes:
             for call in route.quotas:
+                args = quota_args
+                if call.instance.name in self._governed:
+                    if charges is None:
+                        charges = self._charges.amounts(bag, namespace)
+                    amount = charges.get(call.instance.name, 0)
+                    if amount <= 0:
+                        continue  # no bound QuotaSpec asks for this quota
+                    args = replace(quota_args, amount=amount)
                 outcome.quota_used = True
-                quota = await _quota(call, bag, quota_args, outcome)
+                quota = await _quota(call, bag, args, outcome)
                 if quota is None:
                     return outcome
-                if quota.amount < quota_args.amount and not (
-                    quota_args.best_effort and quota.amount
-                ):
+                if quota.status in _FAILURES:
+                    # The backend failed (a Redis down): the failure policy decides, as for a raise.
+                    outcome.failed = True
+                if quota.amount < args.amount and not (args.best_effort and quota.amount):
                     message = quota.message or f"quota {call.instance.name} exhausted"
                     status = (
                         quota.status if quota.status != adapter.OK else adapter.RESOURCE_EXHAUSTED

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from mixerhub.adapter import AdapterInfo, Handler, InstanceSpec
 from mixerhub.attributes import ValueType
 from mixerhub.expression import Expression
+from mixerhub.quota.charges import QuotaCharges
 from mixerhub.ratelimit.matching import RateLimits
 from mixerhub.security.enforcement import PolicySet
 from mixerhub.store.documents import Document
@@ -109,6 +110,8 @@ class Snapshot:
     authenticator: Authenticator = field(default_factory=_no_authentication)
     # envoyproxy/ratelimit RateLimitConfigs, compiled (mixerhub.ratelimit.config).
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    # Istio QuotaSpecs and their bindings: what each quota is charged (mixerhub.quota_specs).
+    quota_charges: QuotaCharges = field(default_factory=QuotaCharges)
 
     def configz(self) -> dict[str, Any]:
         """The active configuration as JSON-ready data, for /debug/configz."""

@@ -1,10 +1,10 @@
 """Istio 1.4's own Mixer configuration (tests/data/istio-1.4) loads unchanged.
 
 Some documents need adapters, templates or kinds that arrive with later work (kubernetesenv
-with telemetry; redisquota, QuotaSpec and QuotaSpecBinding with quotas;
-DestinationRule with xDS). Each such error is listed here, exactly, so this test fails both when
-something else breaks and when one of them starts to load: then it comes off this list. A
-reference to a resource that failed is not reported again, so only the root causes are listed.
+with telemetry; DestinationRule with xDS). Each such error is listed here, exactly, so this test
+fails both when something else breaks and when one of them starts to load: then it comes off
+this list. A reference to a resource that failed is not reported again, so only the root causes
+are listed.
 """
 
 from __future__ import annotations
@@ -29,103 +29,6 @@ NOT_YET = {
     ("telemetry.yaml", "instance/attributes", "spec.attributeBindings", "attribute-producing"),
     # xDS issue: networking kinds
     ("telemetry.yaml", "DestinationRule/istio-telemetry", "kind", "unknown kind"),
-    # quota issue: redisquota, QuotaSpec, QuotaSpecBinding
-    ("policy/mixer-rule-cnn-redis-quota-fixed-window.yaml", "handler/redishandler", *_ADAPTER),
-    (
-        "policy/mixer-rule-cnn-redis-quota-fixed-window.yaml",
-        "QuotaSpec/request-count",
-        "kind",
-        "unknown kind",
-    ),
-    (
-        "policy/mixer-rule-cnn-redis-quota-fixed-window.yaml",
-        "QuotaSpecBinding/request-count",
-        "kind",
-        "unknown kind",
-    ),
-    (
-        "policy/mixer-rule-productpage-ratelimit.yaml",
-        "QuotaSpec/request-count",
-        "kind",
-        "unknown kind",
-    ),
-    (
-        "policy/mixer-rule-productpage-ratelimit.yaml",
-        "QuotaSpecBinding/request-count",
-        "kind",
-        "unknown kind",
-    ),
-    (
-        "policy/mixer-rule-productpage-redis-quota-fixed-window.yaml",
-        "handler/redishandler",
-        *_ADAPTER,
-    ),
-    (
-        "policy/mixer-rule-productpage-redis-quota-fixed-window.yaml",
-        "QuotaSpec/request-count",
-        "kind",
-        "unknown kind",
-    ),
-    (
-        "policy/mixer-rule-productpage-redis-quota-fixed-window.yaml",
-        "QuotaSpecBinding/request-count",
-        "kind",
-        "unknown kind",
-    ),
-    (
-        "policy/mixer-rule-productpage-redis-quota-rolling-window.yaml",
-        "handler/redishandler",
-        *_ADAPTER,
-    ),
-    (
-        "policy/mixer-rule-productpage-redis-quota-rolling-window.yaml",
-        "QuotaSpec/request-count",
-        "kind",
-        "unknown kind",
-    ),
-    (
-        "policy/mixer-rule-productpage-redis-quota-rolling-window.yaml",
-        "QuotaSpecBinding/request-count",
-        "kind",
-        "unknown kind",
-    ),
-    ("policy/mixer-rule-ratings-ratelimit.yaml", "QuotaSpec/request-count", "kind", "unknown kind"),
-    (
-        "policy/mixer-rule-ratings-ratelimit.yaml",
-        "QuotaSpecBinding/request-count",
-        "kind",
-        "unknown kind",
-    ),
-    ("policy/mixer-rule-ratings-redis-quota-fixed-window.yaml", "handler/redishandler", *_ADAPTER),
-    (
-        "policy/mixer-rule-ratings-redis-quota-fixed-window.yaml",
-        "QuotaSpec/request-count",
-        "kind",
-        "unknown kind",
-    ),
-    (
-        "policy/mixer-rule-ratings-redis-quota-fixed-window.yaml",
-        "QuotaSpecBinding/request-count",
-        "kind",
-        "unknown kind",
-    ),
-    (
-        "policy/mixer-rule-ratings-redis-quota-rolling-window.yaml",
-        "handler/redishandler",
-        *_ADAPTER,
-    ),
-    (
-        "policy/mixer-rule-ratings-redis-quota-rolling-window.yaml",
-        "QuotaSpec/request-count",
-        "kind",
-        "unknown kind",
-    ),
-    (
-        "policy/mixer-rule-ratings-redis-quota-rolling-window.yaml",
-        "QuotaSpecBinding/request-count",
-        "kind",
-        "unknown kind",
-    ),
     # never: out-of-process adapters (Mixer's gRPC adapters) are out of this project's scope
     (
         "policy/prometheus-oop-rule.yaml",

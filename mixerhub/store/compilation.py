@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from mixerhub.adapter import InstanceSpec
 from mixerhub.attributes import ValueType
 from mixerhub.expression import Expression, compile_expression
+from mixerhub.quota.charges import QuotaCharges
 from mixerhub.ratelimit.matching import Domain
 from mixerhub.registry import Registry
 from mixerhub.security.enforcement import CompiledPolicy
@@ -71,6 +72,8 @@ class Compilation:
     request_authentications: list[RequestAuthenticationPolicy] = field(default_factory=list)
     # RateLimitConfigs by domain (mixerhub.ratelimit.config).
     rate_limits: dict[str, Domain] = field(default_factory=dict)
+    # QuotaSpecs and QuotaSpecBindings (mixerhub.quota_specs).
+    quota_charges: QuotaCharges = field(default_factory=QuotaCharges)
 
     def error(self, document: Document, path: str, reason: str) -> None:
         self.errors.append(document.error(path, reason))

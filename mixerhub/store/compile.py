@@ -17,6 +17,7 @@ from typing import Any
 from mixerhub.adapter import AdapterInfo, Env, Handler, InstanceSpec, check_handler
 from mixerhub.attributes import ValueType
 from mixerhub.monitoring import REGISTRY
+from mixerhub.quota_specs import QUOTA_SPEC, QUOTA_SPEC_BINDING
 from mixerhub.ratelimit import config as ratelimit_config
 from mixerhub.ratelimit.matching import RateLimits
 from mixerhub.registry import Registry
@@ -36,6 +37,8 @@ KINDS = kind_table(
         authorization.AUTHORIZATION_POLICY,
         authentication.REQUEST_AUTHENTICATION,
         ratelimit_config.RATE_LIMIT_CONFIG,
+        QUOTA_SPEC,
+        QUOTA_SPEC_BINDING,
     )
 )
 
@@ -120,6 +123,7 @@ def compile_snapshot(
         authorization=PolicySet(c.authorization),
         authenticator=authentication.Authenticator(c.request_authentications),
         rate_limits=RateLimits(dict(c.rate_limits)),
+        quota_charges=c.quota_charges,
     )
 
 
