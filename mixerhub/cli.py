@@ -54,6 +54,25 @@ def _parser() -> argparse.ArgumentParser:
         default=0.15,
         help="seconds a Check may take before the failure policy answers (Envoy waits 0.2)",
     )
+    serve.add_argument(
+        "--ratelimit-redis",
+        metavar="URL",
+        type=_redis_url,
+        help="keep rate-limit counters in Redis (redis:// or rediss://), shared by every hub"
+        " using it; default: in memory",
+    )
+    serve.add_argument(
+        "--ratelimit-redis-failure",
+        choices=["allow", "deny"],
+        default="allow",
+        help="the rate-limit answer when Redis fails or is slow (default: allow, as Envoy)",
+    )
+    serve.add_argument(
+        "--ratelimit-redis-timeout",
+        type=float,
+        default=0.015,
+        help="seconds a rate-limit decision waits for Redis (Envoy waits 0.02)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=_serve)
 
@@ -80,6 +99,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _redis_url(value: str) -> str:
+    from mixerhub.ratelimit.redis import parse_url
+
+    try:
+        parse_url(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
@@ -103,6 +132,9 @@ def _serve(args: argparse.Namespace) -> int:
         drain_seconds=args.drain_seconds,
         check_fail_open=args.check_fail_open,
         check_budget=args.check_budget,
+        ratelimit_redis=args.ratelimit_redis,
+        ratelimit_redis_failure=args.ratelimit_redis_failure,
+        ratelimit_redis_timeout=args.ratelimit_redis_timeout,
     )
     return uvloop.run(server.run(options, reg))
 

@@ -87,6 +87,12 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self.backend: Backend = backend if backend is not None else MemoryBackend()
         self.limits = RateLimits()
 
+    async def close(self) -> None:
+        """Release the backend's connections (the Redis backend's pool)."""
+        aclose = getattr(self.backend, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
     def activate(self, snapshot: Snapshot) -> None:
         """A new snapshot: the next call matches its limits (the counters stay)."""
         self.limits = snapshot.rate_limits

@@ -28,6 +28,7 @@ from mixerhub import admin
 from mixerhub.access_log import AccessLogService
 from mixerhub.ext_authz import AuthorizationService, FailurePolicy
 from mixerhub.rate_limit import RateLimitService
+from mixerhub.ratelimit.backend import Backend
 from mixerhub.registry import Registry
 from mixerhub.security import jwks
 from mixerhub.snapshot import Snapshot
@@ -52,6 +53,10 @@ class ServeOptions:
     drain_seconds: float = 5.0
     check_fail_open: bool = False
     check_budget: float = 0.15
+    # Rate-limit counters in Redis (shared by hubs); None keeps them in memory.
+    ratelimit_redis: str | None = None
+    ratelimit_redis_failure: str = "allow"
+    ratelimit_redis_timeout: float = 0.015
 
 
 class Hub:
@@ -71,7 +76,7 @@ class Hub:
         self._watch: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
         self.access_log = AccessLogService()
-        self.rate_limit = RateLimitService()
+        self.rate_limit = RateLimitService(rate_limit_backend(options))
         self.authorization = AuthorizationService(
             FailurePolicy(options.check_fail_open, options.check_budget)
         )
@@ -119,6 +124,7 @@ class Hub:
         await self.grpc.stop(self.options.drain_seconds)
         if self._http is not None:
             await self._http.cleanup()
+        await self.rate_limit.close()
         await self.store.close()
         await jwks.default_cache().close()
         log.info("stopped")
@@ -133,6 +139,20 @@ class Hub:
     async def _set_health(self, status: int) -> None:
         for name in ("", *_SERVICES):
             await self.health.set(name, status)
+
+
+def rate_limit_backend(options: ServeOptions) -> Backend | None:
+    """The Redis backend when --ratelimit-redis is given, else None (the in-memory default)."""
+    if options.ratelimit_redis is None:
+        return None
+    from mixerhub.ratelimit.redis import RedisBackend, describe
+
+    log.info("rate-limit counters in Redis at %s", describe(options.ratelimit_redis))
+    return RedisBackend.from_url(
+        options.ratelimit_redis,
+        timeout=options.ratelimit_redis_timeout,
+        failure="deny" if options.ratelimit_redis_failure == "deny" else "allow",
+    )
 
 
 async def run(options: ServeOptions, registry: Registry) -> int:

@@ -3,8 +3,8 @@
 A backend takes one request's charges together and answers all or nothing, as envoyproxy/
 ratelimit does with STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT: when any enforced charge would go
 over its limit, none is charged. In memory that is exact (nothing runs between the check and the
-charge); a Redis backend would pre-check with reads and charge in one pipeline, as envoyproxy/
-ratelimit does, and plug in here.
+charge); the Redis backend (ratelimit/redis.py) gets the same guarantee by checking and charging
+inside one Lua script.
 """
 
 from __future__ import annotations

@@ -1,0 +1,476 @@
+"""Counters in Redis, shared by every hub that points at the same server: ``RedisBackend``.
+
+One decision is one round trip: a Lua script (loaded once with SCRIPT LOAD, run by EVALSHA and
+loaded again on NOSCRIPT, e.g. after a restart) checks every charge of the request, then charges
+them all or none, atomically, with the same semantics as the in-memory backend
+(mixerhub.ratelimit.backend, mixerhub.quota.windows): an enforced charge over its limit stops every
+charge; a shadow-mode one is reported over but stops nothing. Time is Redis's own TIME, so every
+hub agrees on window edges.
+
+- fixed window: one counter per aligned window (``KEY:window``), INCRBY + PEXPIRE.
+- rolling window: a hash of bucket -> count (60 buckets per unit), stale buckets removed.
+- token bucket (GCRA): the theoretical arrival time in microseconds, with a PX expiry.
+
+Keys are ``mixerhub:rl:{DOMAIN}:ALGORITHM:UNIT:ENTRIES``: the ``{domain}`` hash tag keeps one
+request's keys in one Redis Cluster slot.
+
+A key seen with nothing left is remembered locally until it can fit one hit again, and answers
+OVER_LIMIT without Redis. When Redis fails or takes longer than ``timeout`` (15 ms by default,
+inside Envoy's 20 ms), the failure policy answers (allow by default, as Envoy's
+failure_mode_deny is false), the failure is counted, and after ``backoff`` the next call tries
+Redis again (redis-py's pool reconnects): a decision never waits for a dead server or raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from typing import Any, Literal, NamedTuple
+from urllib.parse import unquote
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
+
+from mixerhub.monitoring import REGISTRY
+from mixerhub.ratelimit.backend import Charge, Outcome
+
+log = logging.getLogger("mixerhub.ratelimit.redis")
+
+FailurePolicy = Literal["allow", "deny"]
+DEFAULT_TIMEOUT = 0.015
+DEFAULT_BACKOFF = 0.05
+_US = 1_000_000
+_MAX_CACHED = 100_000
+
+FAILURES = Counter(
+    "mixerhub_ratelimit_redis_failures",
+    "Rate-limit decisions whose Redis call failed or timed out.",
+    ["reason"],
+    registry=REGISTRY,
+)
+WITHOUT_REDIS = Counter(
+    "mixerhub_ratelimit_redis_local_decisions",
+    "Rate-limit decisions made without Redis: from the over-limit cache, or by the failure policy.",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+# ARGV[1]: "now" in microseconds, or "" for Redis's TIME (tests pass a time to reach the edges).
+# Then five per key: hits, limit, unit in microseconds, algorithm (f, r, t), enforced (1/0).
+# Returns five integers per key: over, charged, remaining, reset (us), retry (us: until one hit
+# fits again, when nothing is left).
+SCRIPT = """
+local now
+if ARGV[1] ~= '' then
+  now = tonumber(ARGV[1])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local n = #KEYS
+local states = {}
+local items = {}
+
+local function load(algo, key, limit, unit)
+  local s
+  if algo == 'f' then
+    local index = math.floor(now / unit)
+    local rkey = key .. ':' .. index
+    s = states[rkey]
+    if s == nil then
+      s = {rkey = rkey, used = tonumber(redis.call('GET', rkey) or '0'), stop = (index + 1) * unit}
+    end
+  elseif algo == 'r' then
+    s = states[key]
+    if s == nil then
+      local bucket = math.floor(unit / 60 + 0.5)
+      local buckets = math.ceil(unit / bucket)
+      local index = math.floor(now / bucket)
+      local first = index - buckets + 1
+      local flat = redis.call('HGETALL', key)
+      local used, newest, oldest = 0, nil, nil
+      local stale = {}
+      for j = 1, #flat, 2 do
+        local b = tonumber(flat[j])
+        if b < first then
+          stale[#stale + 1] = flat[j]
+        else
+          used = used + tonumber(flat[j + 1])
+          if newest == nil or b > newest then newest = b end
+          if oldest == nil or b < oldest then oldest = b end
+        end
+      end
+      if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+      s = {rkey = key, used = used, bucket = bucket, buckets = buckets, index = index,
+           newest = newest, oldest = oldest}
+    end
+  else
+    s = states[key]
+    if s == nil then
+      local tat = tonumber(redis.call('GET', key) or '0')
+      if tat < now then tat = now end
+      s = {rkey = key, tat = tat}
+    end
+  end
+  states[s.rkey] = s
+  return s
+end
+
+local function left(algo, s, limit, unit)
+  if algo == 't' then
+    if limit == 0 then return 0 end
+    local l = math.floor((now + unit - s.tat) * limit / unit + 1e-6)
+    if l < 0 then l = 0 end
+    return l
+  end
+  local l = limit - s.used
+  if l < 0 then l = 0 end
+  return l
+end
+
+local function reset(algo, s, limit, unit)
+  if algo == 'f' then return s.stop - now end
+  if algo == 'r' then
+    if s.newest == nil then return 0 end
+    return (s.newest + s.buckets) * s.bucket - now
+  end
+  if limit == 0 then return 0 end
+  return s.tat - now
+end
+
+local function retry(algo, s, limit, unit)
+  if algo == 'f' then return s.stop - now end
+  if algo == 'r' then
+    if s.oldest == nil then return unit end
+    return (s.oldest + s.buckets) * s.bucket - now
+  end
+  if limit == 0 then return unit end
+  local r = s.tat + unit / limit - unit - now
+  if r < 0 then r = 0 end
+  return r
+end
+
+local wanted = {}
+local blocked = false
+for i = 1, n do
+  local b = 2 + (i - 1) * 5
+  local it = {hits = tonumber(ARGV[b]), limit = tonumber(ARGV[b + 1]), unit = tonumber(ARGV[b + 2]),
+              algo = ARGV[b + 3], enforced = ARGV[b + 4] == '1'}
+  it.s = load(it.algo, KEYS[i], it.limit, it.unit)
+  it.left = left(it.algo, it.s, it.limit, it.unit)
+  it.reset = reset(it.algo, it.s, it.limit, it.unit)
+  if it.left == 0 then it.retry = retry(it.algo, it.s, it.limit, it.unit) else it.retry = 0 end
+  wanted[it.s.rkey] = (wanted[it.s.rkey] or 0) + it.hits
+  it.over = wanted[it.s.rkey] > it.left
+  if it.over and it.enforced then blocked = true end
+  items[i] = it
+end
+
+local out = {}
+for i = 1, n do
+  local it = items[i]
+  local s = it.s
+  if blocked or it.over then
+    out[#out + 1] = it.over and 1 or 0
+    out[#out + 1] = 0
+    out[#out + 1] = it.left
+    out[#out + 1] = math.ceil(it.reset)
+    out[#out + 1] = math.ceil(it.retry)
+  else
+    local l = left(it.algo, s, it.limit, it.unit)
+    if it.hits > 0 then
+      if it.algo == 'f' then
+        s.used = s.used + it.hits
+        redis.call('INCRBY', s.rkey, it.hits)
+        redis.call('PEXPIRE', s.rkey, math.ceil((s.stop - now) / 1000) + 1000)
+      elseif it.algo == 'r' then
+        s.used = s.used + it.hits
+        s.newest = s.index
+        if s.oldest == nil then s.oldest = s.index end
+        redis.call('HINCRBY', s.rkey, s.index, it.hits)
+        redis.call('PEXPIRE', s.rkey, math.ceil(s.buckets * s.bucket / 1000) + 1000)
+      else
+        s.tat = s.tat + it.hits * it.unit / it.limit
+        redis.call('SET', s.rkey, string.format('%.3f', s.tat),
+                   'PX', math.ceil((s.tat - now) / 1000) + 1000)
+      end
+    end
+    out[#out + 1] = 0
+    out[#out + 1] = 1
+    out[#out + 1] = l - it.hits
+    out[#out + 1] = math.ceil(reset(it.algo, s, it.limit, it.unit))
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+_ALGORITHMS = {"fixed_window": "f", "rolling_window": "r", "token_bucket": "t"}
+
+
+def redis_key(charge: Charge, prefix: str = "mixerhub:rl") -> str:
+    """The key of a charge: the domain as a hash tag, then the algorithm, unit and entries."""
+    key: Hashable = charge.key
+    domain, rest = "", key
+    if isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], str):
+        domain, rest = key
+    entries = json.dumps(rest, separators=(",", ":"), ensure_ascii=False, default=str)
+    # An empty tag would hash the whole key: "_" keeps an empty domain's keys in one slot.
+    return f"{prefix}:{{{domain or '_'}}}:{charge.algorithm}:{charge.unit_seconds}:{entries}"
+
+
+Client = aioredis.Redis | RedisCluster
+
+
+def connect(url: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[Client, list[aioredis.Redis]]:
+    """A client whose every call gives up after ``timeout``, from one of these URLs:
+
+    - ``redis://[[user]:password@]host:port[/db]``, ``rediss://`` (TLS), ``unix://path``;
+    - ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]``: the master
+      of ``service`` as the sentinels name it (followed across failovers; the credentials are the
+      master's);
+    - ``redis+cluster://[[user]:password@]host:port[,host:port...]``: a Redis Cluster (the
+      ``{domain}`` hash tag keeps one decision's keys in one slot).
+
+    The ``rediss+`` forms use TLS. redis-py's own retries are off: a failed call is answered by
+    the failure policy and the next one reconnects. Returns the client and the other clients
+    it uses (the sentinels'), to close with it.
+    """
+    common: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    u = parse_url(url)
+    if u.kind == "":
+        client: aioredis.Redis = aioredis.Redis.from_url(url, max_connections=256, **common)
+        return client, []
+    auth: dict[str, Any] = {"username": u.username, "password": u.password}
+    if u.kind == "cluster":
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in u.hosts],
+            ssl=u.tls,
+            max_connections=256,
+            **auth,
+            **common,
+        )
+        return cluster, []
+    ssl: dict[str, Any] = {"ssl": True} if u.tls else {}
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(u.hosts),
+        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout, **ssl},
+        **common,
+    )
+    master: aioredis.Redis = sentinel.master_for(u.service, db=u.db, **auth, **ssl)
+    return master, list(sentinel.sentinels)
+
+
+class RedisURL(NamedTuple):
+    kind: Literal["", "sentinel", "cluster"]  # "": one server, redis-py's own URL
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    hosts: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    db: int = 0
+
+
+def parse_url(url: str) -> RedisURL:
+    """What ``connect`` reads from a URL; ValueError when it cannot."""
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("redis", "rediss", "unix") and sep:
+        return RedisURL("")
+    base, _, kind = scheme.partition("+")
+    if not sep or base not in ("redis", "rediss") or kind not in ("sentinel", "cluster"):
+        raise ValueError(
+            f"unsupported Redis URL {describe(url)!r}: expected redis://, rediss://, "
+            "redis+sentinel:// or redis+cluster://"
+        )
+    netloc, _, path = rest.partition("/")
+    username, password, hosts = _hosts(netloc, 26379 if kind == "sentinel" else 6379)
+    tls = base == "rediss"
+    if kind == "cluster":
+        if path.strip("/"):
+            raise ValueError("a Redis Cluster URL takes no database or path")
+        return RedisURL("cluster", tls, username, password, hosts)
+    parts = [p for p in path.split("/") if p]
+    if not parts or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ValueError(
+            "a Sentinel URL names its service: redis+sentinel://host:port/service[/db]"
+        )
+    db = int(parts[1]) if len(parts) == 2 else 0
+    return RedisURL("sentinel", tls, username, password, hosts, parts[0], db)
+
+
+def _hosts(
+    netloc: str, default_port: int
+) -> tuple[str | None, str | None, tuple[tuple[str, int], ...]]:
+    credentials, at, where = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = credentials.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    hosts: list[tuple[str, int]] = []
+    for part in where.split(","):
+        host, colon, port = part.rpartition(":") if ":" in part else (part, "", "")
+        if not host:
+            raise ValueError(f"no host in {part!r}")
+        hosts.append((host.strip("[]"), int(port) if colon else default_port))
+    return username, password, tuple(hosts)
+
+
+class RedisBackend:
+    """The Backend protocol over Redis: one EVALSHA per decision, a local over-limit cache."""
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        failure: FailurePolicy = "allow",
+        backoff: float = DEFAULT_BACKOFF,
+        prefix: str = "mixerhub:rl",
+        clock: Any = time.monotonic,
+        also_close: Sequence[aioredis.Redis] = (),
+    ) -> None:
+        if failure not in ("allow", "deny"):
+            raise ValueError(f"failure policy must be allow or deny, got {failure!r}")
+        self.client = client
+        self._also_close = list(also_close)
+        self.timeout = timeout
+        self.failure: FailurePolicy = failure
+        self.backoff = backoff
+        self.prefix = prefix
+        self._clock = clock
+        self._loaded = False
+        self._down_until = 0.0
+        # Redis key -> monotonic time until which nothing fits (enforced keys only).
+        self._over: OrderedDict[str, float] = OrderedDict()
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        failure: FailurePolicy = "allow",
+    ) -> RedisBackend:
+        client, others = connect(url, timeout)
+        return cls(client, timeout=timeout, failure=failure, also_close=others)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        for other in self._also_close:
+            await other.aclose()
+
+    async def take(self, charges: Sequence[Charge]) -> Sequence[Outcome]:
+        return await self._take(charges, None)
+
+    async def take_at(self, charges: Sequence[Charge], now: float) -> Sequence[Outcome]:
+        """Test hook: decide as if Redis's clock said ``now`` (seconds); the cache is bypassed."""
+        return await self._take(charges, now)
+
+    async def _take(self, charges: Sequence[Charge], now: float | None) -> Sequence[Outcome]:
+        if not charges:
+            return []
+        keys = [redis_key(c, self.prefix) for c in charges]
+        local = self._clock()
+        if now is None:
+            cached = self._cached(charges, keys, local)
+            if cached is not None:
+                WITHOUT_REDIS.labels("cache").inc()
+                return cached
+        if local < self._down_until:
+            WITHOUT_REDIS.labels("failure_policy").inc()
+            return self._policy(charges)
+        args: list[str | int] = ["" if now is None else str(round(now * _US))]
+        for c in charges:
+            args += [
+                c.hits,
+                c.limit,
+                c.unit_seconds * _US,
+                _ALGORITHMS[c.algorithm],
+                1 if c.enforced else 0,
+            ]
+        try:
+            raw = await asyncio.wait_for(self._run(keys, args), self.timeout)
+        except Exception as e:
+            reason = "timeout" if isinstance(e, TimeoutError) else "error"
+            FAILURES.labels(reason).inc()
+            WITHOUT_REDIS.labels("failure_policy").inc()
+            self._down_until = self._clock() + self.backoff
+            log.warning("Redis %s (%s); answering %s", reason, e or type(e).__name__, self.failure)
+            return self._policy(charges)
+        outcomes: list[Outcome] = []
+        for i, c in enumerate(charges):
+            over, charged, remaining, reset, retry = (int(v) for v in raw[i * 5 : i * 5 + 5])
+            outcomes.append(Outcome(bool(over), bool(charged), max(0, remaining), reset / _US))
+            if over and c.enforced and remaining <= 0 and retry > 0 and now is None:
+                self._remember(keys[i], local + retry / _US)
+        return outcomes
+
+    async def _run(self, keys: list[str], args: list[str | int]) -> list[Any]:
+        if not self._loaded:
+            await self.client.script_load(SCRIPT)
+            self._loaded = True
+        try:
+            result = await self.client.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.client.script_load(SCRIPT)
+            result = await self.client.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
+        return list(result)
+
+    def _cached(
+        self, charges: Sequence[Charge], keys: list[str], now: float
+    ) -> list[Outcome] | None:
+        hit = False
+        overs: list[float | None] = []
+        for c, k in zip(charges, keys, strict=True):
+            until = self._over.get(k) if c.enforced and c.hits > 0 else None
+            if until is not None and until <= now:
+                del self._over[k]
+                until = None
+            overs.append(until)
+            hit = hit or until is not None
+        if not hit:
+            return None
+        return [
+            Outcome(True, False, 0, until - now)
+            if until is not None
+            else Outcome(False, False, c.limit, 0.0)
+            for c, until in zip(charges, overs, strict=True)
+        ]
+
+    def _remember(self, key: str, until: float) -> None:
+        self._over[key] = until
+        self._over.move_to_end(key)
+        while len(self._over) > _MAX_CACHED:
+            self._over.popitem(last=False)
+
+    def _policy(self, charges: Sequence[Charge]) -> list[Outcome]:
+        deny = self.failure == "deny"
+        return [
+            Outcome(True, False, 0, 0.0)
+            if deny and c.enforced
+            else Outcome(False, False, c.limit, 0.0)
+            for c in charges
+        ]
+
+
+def describe(url: str) -> str:
+    """The URL without its password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
