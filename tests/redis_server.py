@@ -29,7 +29,11 @@ def redis_available() -> bool:
     return Path(REDIS_SERVER).exists()
 
 
-requires_redis = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
+# Elsewhere a missing redis-server is a skip; in CI (.ci/run installs it) the tests run and fail.
+requires_redis = pytest.mark.skipif(
+    not redis_available() and not os.environ.get("CI"),
+    reason="redis-server is not installed: apt-get install redis-server",
+)
 
 
 @dataclass

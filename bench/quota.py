@@ -1,0 +1,137 @@
+"""Rate limits: ShouldRateLimit through the hub with Redis (three descriptors per request) against
+a trivial grpc.aio handler, in the same run on the same machine, driven by the same gRPC load
+generator (a separate process of concurrent clients). Prints both throughputs and latency
+percentiles, and the Redis commands per decision read from Redis's own INFO commandstats.
+
+    python bench/quota.py [--seconds 8] [--concurrency 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import redis
+import uvloop
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.harness import free_port, process_group, start_hub, tcp_probe
+from tests.redis_server import start_redis
+
+LIMITS = """\
+domain: bench
+descriptors:
+- key: workload
+  rate_limit: {unit: second, requests_per_unit: 100000000}
+  descriptors:
+  - key: remote_address
+    rate_limit: {unit: minute, requests_per_unit: 100000000}
+- key: path
+  value: /api
+  rate_limit: {unit: second, requests_per_unit: 100000000, algorithm: token_bucket}
+"""
+
+
+def request(i: int) -> rls_pb2.RateLimitRequest:
+    r = rls_pb2.RateLimitRequest(domain="bench", hits_addend=1)
+    for entries in (
+        [("workload", "api")],
+        [("workload", "api"), ("remote_address", f"10.0.{i % 50}.{i % 200}")],
+        [("path", "/api")],
+    ):
+        d = r.descriptors.add()
+        for key, value in entries:
+            d.entries.add(key=key, value=value)
+    return r
+
+
+async def load(port: int, seconds: float, concurrency: int) -> tuple[int, list[float]]:
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+
+        async def worker(n: int) -> None:
+            i = n
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                await stub.ShouldRateLimit(request(i), timeout=5)
+                latencies.append(time.perf_counter() - started)
+                i += concurrency
+
+        await asyncio.gather(*(worker(n) for n in range(concurrency)))
+    return len(latencies), latencies
+
+
+def warm_up(port: int, concurrency: int) -> None:
+    uvloop.run(load(port, 1, concurrency))
+
+
+def measure(port: int, seconds: float, concurrency: int) -> dict[str, float]:
+    count, latencies = uvloop.run(load(port, seconds, concurrency))
+    latencies.sort()
+    return {
+        "rps": count / seconds,
+        "p50": latencies[len(latencies) // 2] * 1000,
+        "p99": latencies[int(len(latencies) * 0.99)] * 1000,
+        "mean": statistics.fmean(latencies) * 1000,
+        "count": count,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, process_group(Path(tmp) / "logs") as group:
+        config = Path(tmp) / "config"
+        config.mkdir()
+        (config / "limits.yaml").write_text(LIMITS)
+        server = start_redis(group)
+        hub = start_hub(group, config, extra_args=[
+            "--log-level", "warning", "--ratelimit-redis", server.url,
+            "--ratelimit-redis-timeout", "0.5"])  # fmt: skip
+        base_port = free_port()
+        group.start("trivial", [sys.executable, str(Path(__file__).with_name("trivial_rls.py")),
+                                "--port", str(base_port)])  # fmt: skip
+        group.processes[-1].wait_ready(tcp_probe("127.0.0.1", base_port), 30)
+
+        client = redis.Redis(port=server.port)
+        warm_up(hub.grpc_port, args.concurrency)
+        client.config_resetstat()
+        ours = measure(hub.grpc_port, args.seconds, args.concurrency)
+        stats = client.info("commandstats")
+        client.close()
+        warm_up(base_port, args.concurrency)
+        base = measure(base_port, args.seconds, args.concurrency)
+
+    decisions = ours["count"] + 0.0
+    print(
+        f"ShouldRateLimit, 3 descriptors, {args.concurrency} concurrent calls,"
+        f" {args.seconds:g}s each"
+    )
+    print(f"{'':34} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, r in (("mixerhub with Redis", ours), ("trivial grpc.aio handler", base)):
+        print(f"{name:34} {r['rps']:>9.0f} {r['p50']:>8.2f} {r['p99']:>8.2f}")
+    print(
+        f"ratio: mixerhub keeps {ours['rps'] / base['rps']:.0%} of the trivial handler's throughput"
+    )
+    per = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
+    print(f"Redis commandstats over the measured run ({decisions:.0f} decisions): {per}")
+    print("  (the commands a script runs count too: TIME, GET, INCRBY... inside each EVALSHA)")
+    others = sum(v for k, v in per.items() if "|" in k or k == "hello")
+    print(f"EVALSHA per decision: {per.get('evalsha', 0) / decisions:.2f};"
+          f" other round trips per decision: {others / decisions:.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
