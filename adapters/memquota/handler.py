@@ -8,7 +8,6 @@ values has a quota of its own. Retried requests are recognised by their deduplic
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import time
 from collections.abc import Hashable, Mapping
@@ -16,8 +15,8 @@ from dataclasses import dataclass
 
 from mixerhub import adapter
 from mixerhub.adapter import Env, Handler, InstanceSpec, QuotaArgs, QuotaResult
-from mixerhub.attributes import format_value
 from mixerhub.quota import Clock, RollingWindow
+from mixerhub.quota.overrides import first_override
 from mixerhub.templates import QuotaInstance
 
 from .config import MemQuotaParams, Quota
@@ -40,22 +39,7 @@ class _CompiledQuota:
 
     def limit(self, dimensions: Mapping[str, object]) -> _Limit:
         """The first override whose dimensions all match (memquota.go limit), else the quota's."""
-        for wanted, lim in self.overrides:
-            if all(k in dimensions and _text(dimensions[k]) == v for k, v in wanted):
-                return lim
-        return self.default
-
-
-def _text(value: object) -> str:
-    # Mixer compared an override's dimension with the instance's value, or its String() form
-    # (an IP address); config.proto: "String representation of instance dimensions is used".
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        return str(value)
-    return str(format_value(value))
+        return first_override(self.overrides, dimensions, self.default)
 
 
 def _hashable(value: object) -> Hashable:

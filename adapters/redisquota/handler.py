@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import json
 import time
 from collections.abc import Mapping
@@ -27,8 +26,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mixerhub import adapter
 from mixerhub.adapter import Env, Handler, InstanceSpec, QuotaArgs, QuotaResult
-from mixerhub.attributes import format_value
 from mixerhub.quota import Clock
+from mixerhub.quota.overrides import dimension_text, first_override
 from mixerhub.templates import QuotaInstance
 
 from .config import Algorithm, Quota, RedisQuotaParams
@@ -55,20 +54,7 @@ class _CompiledQuota:
 
     def limit(self, dimensions: Mapping[str, object]) -> _Limit:
         """The first override whose dimensions all match, else the quota's own limit."""
-        for wanted, lim in self.overrides:
-            if all(k in dimensions and _text(dimensions[k]) == v for k, v in wanted):
-                return lim
-        return self.default
-
-
-def _text(value: object) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        return str(value)
-    return str(format_value(value))
+        return first_override(self.overrides, dimensions, self.default)
 
 
 def _compile(q: Quota) -> _CompiledQuota:
@@ -90,7 +76,7 @@ def _compile(q: Quota) -> _CompiledQuota:
 
 def redis_key(name: str, dimensions: Mapping[str, object], tag: str = "") -> str:
     """Mixer's key: the quota name, then ``;name=value`` for each dimension in name order."""
-    key = name + "".join(f";{k}={_text(dimensions[k])}" for k in sorted(dimensions))
+    key = name + "".join(f";{k}={dimension_text(dimensions[k])}" for k in sorted(dimensions))
     return f"{key};override={tag}" if tag else key
 
 
