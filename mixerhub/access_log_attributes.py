@@ -10,8 +10,6 @@ reports the source side.
 from __future__ import annotations
 
 import datetime
-import functools
-import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +17,7 @@ from typing import Any
 from envoy.config.core.v3 import address_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 
-from mixerhub.bag import ABSENT, LazyBag
+from mixerhub.bag import ABSENT, LazyBag, namespace_of, parse_ip, principal
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
@@ -107,18 +105,7 @@ def _extract(plan: tuple[tuple[str, Extractor], ...], c: EntryContext) -> dict[s
 
 
 def _ip(address: address_pb2.Address) -> Any:
-    return _parse_ip(address.socket_address.address)
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse_ip(text: str) -> Any:
-    # The same few peer addresses come back entry after entry: parse each once.
-    if not text:
-        return ABSENT
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return ABSENT
+    return parse_ip(address.socket_address.address)
 
 
 def _port(address: address_pb2.Address) -> Any:
@@ -157,17 +144,7 @@ def _end(c: EntryContext) -> Any:
 def _san(properties: Any) -> Any:
     for san in properties.subject_alt_name:
         if san.uri:
-            return san.uri.removeprefix("spiffe://")
-    return ABSENT
-
-
-def _namespace_of(principal: Any) -> Any:
-    if principal is ABSENT:
-        return ABSENT
-    parts = principal.split("/")
-    for i in range(len(parts) - 1):
-        if parts[i] == "ns" and parts[i + 1]:
-            return parts[i + 1]
+            return principal(san.uri)
     return ABSENT
 
 
@@ -244,7 +221,7 @@ def _host(c: EntryContext) -> Any:
 
 def _service_name(host: Any) -> Any:
     """reviews.shop.svc.cluster.local -> reviews; an address names no service."""
-    if host is ABSENT or _parse_ip(host.strip("[]")) is not ABSENT:
+    if host is ABSENT or parse_ip(host.strip("[]")) is not ABSENT:
         return ABSENT
     return host.split(".", 1)[0]
 
@@ -317,9 +294,9 @@ COMMON_EXTRACTORS: Mapping[str, Extractor] = {
     "source.principal": _side(_peer_principal, _local_principal),
     "source.user": _side(_peer_principal, _local_principal),
     "destination.principal": _side(_local_principal, _peer_principal),
-    "source.namespace": _side(lambda c: _namespace_of(_peer_principal(c)),
+    "source.namespace": _side(lambda c: namespace_of(_peer_principal(c)),
                               _reporter(lambda r: r.namespace)),
-    "source.workload.namespace": _side(lambda c: _namespace_of(_peer_principal(c)),
+    "source.workload.namespace": _side(lambda c: namespace_of(_peer_principal(c)),
                                        _reporter(lambda r: r.namespace)),
     "source.workload.name": _side(_none, _reporter(lambda r: r.name)),
     "source.name": _side(_none, _reporter(lambda r: r.name)),

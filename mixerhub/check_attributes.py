@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl
 
 from envoy.service.auth.v3 import external_auth_pb2
 
-from mixerhub.bag import ABSENT, LazyBag
+from mixerhub.bag import ABSENT, LazyBag, namespace_of, parse_ip, principal
 from mixerhub.workload import WorkloadIdentity
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -47,28 +47,6 @@ def CheckBag(context: CheckContext) -> LazyBag[CheckContext]:
 
 def _http(c: CheckContext) -> external_auth_pb2.AttributeContext.HttpRequest:
     return c.request.attributes.request.http
-
-
-def _ip(text: str) -> Any:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return ABSENT  # a pipe or an unparseable address carries no IP
-
-
-def _principal(spiffe: str) -> Any:
-    # Istio's principals drop the scheme: spiffe://td/ns/a/sa/b -> td/ns/a/sa/b
-    if not spiffe:
-        return ABSENT
-    return spiffe.removeprefix("spiffe://")
-
-
-def _namespace_of(principal: str) -> Any:
-    parts = principal.split("/")
-    for i in range(len(parts) - 1):
-        if parts[i] == "ns" and parts[i + 1]:
-            return parts[i + 1]
-    return ABSENT
 
 
 def _header(name: str) -> Extractor:
@@ -116,7 +94,7 @@ def _size(c: CheckContext) -> Any:
 
 
 def _source_principal(c: CheckContext) -> Any:
-    return _principal(c.request.attributes.source.principal)
+    return principal(c.request.attributes.source.principal)
 
 
 def _workload_field(get: Callable[[WorkloadIdentity], Any]) -> Extractor:
@@ -135,8 +113,7 @@ def _identity(name: str) -> Extractor:
 
 
 def _source_namespace(c: CheckContext) -> Any:
-    principal = _source_principal(c)
-    return ABSENT if principal is ABSENT else _namespace_of(principal)
+    return namespace_of(_source_principal(c))
 
 
 def _mtls(c: CheckContext) -> bool:
@@ -149,21 +126,21 @@ def _sni(c: CheckContext) -> Any:
 
 
 EXTRACTORS: Mapping[str, Extractor] = {
-    "source.ip": lambda c: _ip(c.request.attributes.source.address.socket_address.address),
+    "source.ip": lambda c: parse_ip(c.request.attributes.source.address.socket_address.address),
     "source.port": lambda c: c.request.attributes.source.address.socket_address.port_value,
     "source.principal": _source_principal,
     "source.user": _source_principal,
     "source.namespace": _source_namespace,
     # Envoy resolves X-Forwarded-For into the source address by its own trusted-hops setting;
     # trusting the header again here would let a client choose its own address.
-    "remote.ip": lambda c: _ip(c.request.attributes.source.address.socket_address.address),
-    "destination.ip": lambda c: _ip(
+    "remote.ip": lambda c: parse_ip(c.request.attributes.source.address.socket_address.address),
+    "destination.ip": lambda c: parse_ip(
         c.request.attributes.destination.address.socket_address.address
     ),
     "destination.port": lambda c: (
         c.request.attributes.destination.address.socket_address.port_value
     ),
-    "destination.principal": lambda c: _principal(c.request.attributes.destination.principal),
+    "destination.principal": lambda c: principal(c.request.attributes.destination.principal),
     "destination.workload.name": _workload_field(lambda w: w.name),
     "destination.name": _workload_field(lambda w: w.name),
     "destination.workload.namespace": _workload_field(lambda w: w.namespace),
