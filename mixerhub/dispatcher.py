@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from mixerhub import adapter
 from mixerhub.adapter import CheckResult, QuotaArgs, QuotaResult, handler_method
@@ -81,18 +81,43 @@ class CheckOutcome:
         )
 
 
+class _Routed(Protocol):
+    @property
+    def rule(self) -> CompiledRule: ...
+
+
+R = TypeVar("R", bound=_Routed)
+
+
+class _Scoped(Generic[R]):
+    """Routes by Mixer's scoping: mesh-wide rules apply to every namespace, a namespace's own
+    rules to its workloads only. The routes for each namespace are put together once."""
+
+    def __init__(self, routes: Sequence[R], mesh_namespace: str) -> None:
+        self._mesh = tuple(r for r in routes if r.rule.namespace == mesh_namespace)
+        own: dict[str, list[R]] = {}
+        for r in routes:
+            if r.rule.namespace != mesh_namespace:
+                own.setdefault(r.rule.namespace, []).append(r)
+        self._own = {namespace: tuple(rs) for namespace, rs in own.items()}
+        self._combined: dict[str, tuple[R, ...]] = {}
+
+    def routes_for(self, namespace: str) -> tuple[R, ...]:
+        routes = self._combined.get(namespace)
+        if routes is None:
+            routes = self._mesh + self._own.get(namespace, ())
+            if len(self._combined) < 10_000:  # namespaces come from the network: bounded
+                self._combined[namespace] = routes
+        return routes
+
+
 class CheckDispatcher:
     """The check side of one snapshot: routes built once, applied per request."""
 
     def __init__(self, snapshot: Snapshot, mesh_namespace: str = ROOT_NAMESPACE) -> None:
         self.mesh_namespace = mesh_namespace
         routes = [r for r in (_route(rule) for rule in snapshot.rules) if r is not None]
-        self._mesh = tuple(r for r in routes if r.rule.namespace == mesh_namespace)
-        self._by_namespace: dict[str, tuple[CheckRoute, ...]] = {}
-        for r in routes:
-            if r.rule.namespace != mesh_namespace:
-                self._by_namespace.setdefault(r.rule.namespace, ())
-                self._by_namespace[r.rule.namespace] += (r,)
+        self._scoped = _Scoped(routes, mesh_namespace)
         self.referenced = frozenset().union(*(r.rule.referenced for r in routes))
         self.uses_quota = any(r.quotas for r in routes)
         self.empty = not routes
@@ -101,7 +126,7 @@ class CheckDispatcher:
         self._governed = snapshot.quota_charges.governed
 
     def routes_for(self, namespace: str) -> tuple[CheckRoute, ...]:
-        return self._mesh + self._by_namespace.get(namespace, ())
+        return self._scoped.routes_for(namespace)
 
     async def check(self, bag: Bag, namespace: str, quota_args: QuotaArgs) -> CheckOutcome:
         outcome = CheckOutcome()
@@ -253,18 +278,11 @@ class ReportDispatcher:
                         )  # fmt: skip
             if calls:
                 routes.append(ReportRoute(rule, tuple(calls)))
-        self._mesh = tuple(r for r in routes if r.rule.namespace == mesh_namespace)
-        self._by_namespace: dict[str, tuple[ReportRoute, ...]] = {}
-        for r in routes:
-            if r.rule.namespace != mesh_namespace:
-                self._by_namespace[r.rule.namespace] = (
-                    *self._by_namespace.get(r.rule.namespace, ()),
-                    r,
-                )
+        self._scoped = _Scoped(routes, mesh_namespace)
         self.empty = not routes
 
     def routes_for(self, namespace: str) -> tuple[ReportRoute, ...]:
-        return self._mesh + self._by_namespace.get(namespace, ())
+        return self._scoped.routes_for(namespace)
 
     def report(self, bags: Sequence[Bag], namespace: str) -> int:
         """Apply the rules to each bag and hand each handler its instances in one call.
