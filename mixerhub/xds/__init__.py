@@ -1,0 +1,1 @@
+"""The hub's xDS control plane: Istio networking translated per proxy, served over ADS."""
