@@ -13,6 +13,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
 )
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -57,5 +58,28 @@ HANDLERS = Gauge(
     "mixerhub_handlers",
     "Handlers built by the active configuration, by adapter.",
     ["adapter"],
+    registry=REGISTRY,
+)
+XDS_CONNECTED_PROXIES = Gauge(
+    "mixerhub_xds_connected_proxies",
+    "Open ADS streams (state of the world and delta).",
+    registry=REGISTRY,
+)
+XDS_PUSHES = Counter(
+    "mixerhub_xds_pushes",
+    "xDS responses sent, by type (LDS, RDS, CDS, EDS, SDS).",
+    ["type"],
+    registry=REGISTRY,
+)
+XDS_PUSH_SECONDS = Histogram(
+    "mixerhub_xds_push_seconds",
+    "From a snapshot being set to a response for it being sent on an open stream.",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
+    registry=REGISTRY,
+)
+XDS_NACKS = Counter(
+    "mixerhub_xds_nacks",
+    "xDS responses Envoy rejected, by type (LDS, RDS, CDS, EDS, SDS).",
+    ["type"],
     registry=REGISTRY,
 )
