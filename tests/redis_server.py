@@ -1,5 +1,7 @@
-"""A real ``redis-server`` on a free 127.0.0.1 port (never 6379), without persistence, always
-stopped: for the Redis rate-limit backend's tests."""
+"""Real Redis processes on free 127.0.0.1 ports (never 6379), without persistence, registered in
+a test's ProcessGroup so they are stopped whatever happens: a single ``redis-server``, a replica,
+a Sentinel (``redis-server --sentinel`` with a generated config), and a Redis Cluster (nodes with
+``cluster-enabled yes``, joined by ``redis-cli --cluster create``)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +27,7 @@ from tests.harness import (
 )
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 
 
 def redis_available() -> bool:
@@ -33,6 +38,11 @@ def redis_available() -> bool:
 requires_redis = pytest.mark.skipif(
     not redis_available() and not os.environ.get("CI"),
     reason="redis-server is not installed: apt-get install redis-server",
+)
+# A Redis Cluster of several nodes is created by redis-cli (redis-tools).
+requires_redis_cli = pytest.mark.skipif(
+    not (redis_available() and Path(REDIS_CLI).exists()) and not os.environ.get("CI"),
+    reason="redis-server or redis-cli is not installed: apt-get install redis-server redis-tools",
 )
 
 
@@ -91,39 +101,128 @@ def start_redis(group: ProcessGroup) -> RedisServer:
     return _retry_port_clash(attempt)
 
 
+def _cluster_argv(port: int, directory: Path) -> list[str]:
+    return [
+        *_argv(port),
+        *("--cluster-enabled", "yes"),
+        *("--cluster-config-file", str(directory / f"nodes-{port}.conf")),
+        # Not port + 10000, which may be over 65535; redis-cli --cluster learns it from the node.
+        *("--cluster-port", str(free_port())),
+        # A failing test must not wait on cluster-node-timeout's default 15 s.
+        *("--cluster-node-timeout", "2000"),
+    ]
+
+
+def _start_cluster_process(group: ProcessGroup, directory: Path) -> RedisServer:
+    def attempt() -> RedisServer:
+        port = free_port()
+        process = group.start("redis-cluster", _cluster_argv(port, directory), cwd=directory)
+        process.wait_ready(tcp_probe(LOOPBACK, port), timeout=10.0)
+        return RedisServer(group, port, process)
+
+    return _retry_port_clash(attempt)
+
+
+def _cluster_ok(port: int, nodes: int) -> bool:
+    import redis
+
+    client = redis.Redis(host=LOOPBACK, port=port)
+    try:
+        info = client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    return "cluster_state:ok" in text and f"cluster_known_nodes:{nodes}" in text
+
+
 def start_cluster_node(group: ProcessGroup, directory: Path) -> RedisServer:
     """A one-node Redis Cluster holding every slot, on a free port."""
     import redis
 
-    def attempt() -> RedisServer:
-        port = free_port()
-        config = directory / f"nodes-{port}.conf"
-        argv = [
-            *_argv(port),
-            *("--cluster-enabled", "yes", "--cluster-config-file", str(config)),
-            *("--cluster-port", str(free_port())),  # not port + 10000, which may be over 65535
-        ]
-        process = group.start("redis-cluster", argv, cwd=directory)
-        process.wait_ready(tcp_probe(LOOPBACK, port), timeout=10.0)
-        return RedisServer(group, port, process)
-
-    server = _retry_port_clash(attempt)
+    server = _start_cluster_process(group, directory)
     client = redis.Redis(host=LOOPBACK, port=server.port)
     try:
         client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)  # type: ignore[no-untyped-call]
-        server.process.wait_ready(
-            lambda: b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO"),  # type: ignore[no-untyped-call]
-            timeout=10.0,
-        )
     finally:
         client.close()
+    server.process.wait_ready(lambda: _cluster_ok(server.port, 1), timeout=10.0)
     return server
 
 
+@dataclass
+class RedisClusterNodes:
+    nodes: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"{LOOPBACK}:{n.port}" for n in self.nodes)
+
+
+def start_cluster(group: ProcessGroup, directory: Path, masters: int = 3) -> RedisClusterNodes:
+    """A Redis Cluster of ``masters`` nodes on free ports, slots spread by ``redis-cli --cluster
+    create``; ready when every node sees every other and all slots are served."""
+    nodes = [_start_cluster_process(group, directory) for _ in range(masters)]
+    create = [
+        REDIS_CLI, "--cluster", "create",
+        *(f"{LOOPBACK}:{n.port}" for n in nodes),
+        "--cluster-replicas", "0", "--cluster-yes",
+    ]  # fmt: skip
+    result = subprocess.run(create, capture_output=True, text=True, timeout=60, check=False)
+    if result.returncode != 0:
+        raise ProcessError(f"{' '.join(create)} failed:\n{result.stdout}{result.stderr}")
+    for n in nodes:
+        n.process.wait_ready(lambda n=n: _cluster_ok(n.port, masters), timeout=20.0)  # type: ignore[misc]
+    return RedisClusterNodes(nodes)
+
+
+def _info(port: int, section: str) -> dict[str, Any]:
+    import redis
+
+    client = redis.Redis(host=LOOPBACK, port=port)
+    try:
+        info: dict[str, Any] = client.info(section)
+        return info
+    except redis.RedisError:
+        return {}
+    finally:
+        client.close()
+
+
+def start_replica(group: ProcessGroup, master: RedisServer) -> RedisServer:
+    """A replica of ``master`` on a free port, ready once its link to the master is up."""
+
+    def attempt() -> RedisServer:
+        port = free_port()
+        # A replica writes the snapshot of its first sync to its --dir: the test's, not the cwd.
+        argv = [
+            *_argv(port),
+            *("--replicaof", LOOPBACK, str(master.port)),
+            *("--dir", str(group.directory)),
+        ]
+        process = group.start("redis-replica", argv)
+        process.wait_ready(tcp_probe(LOOPBACK, port), timeout=10.0)
+        return RedisServer(group, port, process)
+
+    replica = _retry_port_clash(attempt)
+    replica.process.wait_ready(
+        lambda: _info(replica.port, "replication").get("master_link_status") == "up",
+        timeout=10.0,
+    )
+    return replica
+
+
 def start_sentinel(
-    group: ProcessGroup, master: RedisServer, directory: Path, service: str = "mymaster"
+    group: ProcessGroup,
+    master: RedisServer,
+    directory: Path,
+    service: str = "mymaster",
+    *,
+    replicas: int = 0,
 ) -> RedisServer:
-    """A Sentinel on a free port monitoring ``master`` as ``service`` (quorum 1)."""
+    """A Sentinel on a free port monitoring ``master`` as ``service`` (quorum 1), quick to fail
+    over (the master is down after 500 ms); ready once it knows ``replicas`` replicas."""
 
     def attempt() -> RedisServer:
         port = free_port()
@@ -131,9 +230,46 @@ def start_sentinel(
         config.write_text(
             f"port {port}\nbind {LOOPBACK}\ndaemonize no\n"
             f"sentinel monitor {service} {LOOPBACK} {master.port} 1\n"
+            f"sentinel down-after-milliseconds {service} 500\n"
+            f"sentinel failover-timeout {service} 5000\n"
         )
         process = group.start("redis-sentinel", [REDIS_SERVER, str(config), "--sentinel"])
         process.wait_ready(tcp_probe(LOOPBACK, port), timeout=10.0)
         return RedisServer(group, port, process)
 
-    return _retry_port_clash(attempt)
+    sentinel = _retry_port_clash(attempt)
+    if replicas:
+        # Sentinel finds replicas in the master's INFO, which it reads every few seconds.
+        sentinel.process.wait_ready(
+            lambda: _sentinel_replicas(sentinel.port, service) >= replicas, timeout=30.0
+        )
+    return sentinel
+
+
+def _sentinel_replicas(port: int, service: str) -> int:
+    import redis
+
+    client = redis.Redis(host=LOOPBACK, port=port)
+    try:
+        found = client.execute_command("SENTINEL", "REPLICAS", service)  # type: ignore[no-untyped-call]
+    except redis.RedisError:
+        return 0
+    finally:
+        client.close()
+    return len(found)
+
+
+def sentinel_master(port: int, service: str = "mymaster") -> int | None:
+    """The master's port as the Sentinel at ``port`` names it now."""
+    import redis
+
+    client = redis.Redis(host=LOOPBACK, port=port)
+    try:
+        address = client.execute_command(  # type: ignore[no-untyped-call]
+            "SENTINEL", "GET-MASTER-ADDR-BY-NAME", service
+        )
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+    return int(address[1]) if address else None

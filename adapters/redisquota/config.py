@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from pydantic import Field, field_validator
 
 from mixerhub.adapter import FieldError, InstanceSpec
+from mixerhub.ratelimit.redis import parse_url
 from mixerhub.types import Duration, Params
 
 
@@ -57,7 +58,8 @@ class Quota(Params):
 
 class RedisQuotaParams(Params):
     quotas: list[Quota] = Field(default_factory=list)
-    # host:port (Mixer's form) or a redis:// / rediss:// / unix:// URL.
+    # host:port (Mixer's form), a redis:// / rediss:// / unix:// URL, or a Sentinel or Cluster
+    # one: redis+sentinel://host:port[,host:port...]/service, redis+cluster://host:port[,...].
     redis_server_url: str = ""
     connection_pool_size: int = 10
 
@@ -69,6 +71,11 @@ def validate(
     zero = datetime.timedelta(0)
     if not params.redis_server_url:
         yield FieldError("redisServerUrl", "redis server url should not be empty")
+    elif "://" in params.redis_server_url:
+        try:
+            parse_url(params.redis_server_url)
+        except ValueError as e:
+            yield FieldError("redisServerUrl", str(e))
     if params.connection_pool_size <= 0:
         yield FieldError(
             "connectionPoolSize",

@@ -2,9 +2,16 @@
 
 Each allocation is one EVALSHA of a Lua script (scripts.py), keyed as Mixer's redisquota did: the
 quota's name, its sorted ``;name=value`` dimensions and, when an override applies, a hash of the
-override (so changing an override starts a fresh count). Redis trouble (down, slow, broken) never
-raises and never hangs: the answer is an error status, and the check service's failure policy
-(``--check-fail-open``) decides what the request gets.
+override (so changing an override starts a fresh count). Unlike Mixer's, the key is a Redis
+Cluster hash tag, ``{...}``, and every other key of the allocation starts with it, so one
+allocation is one slot. ``redisServerUrl`` takes Mixer's ``host:port`` or any URL of
+mixerhub.ratelimit.redis.connect, Sentinel and Cluster included.
+
+Redis trouble (down, slow, broken) never raises and never hangs, as with the rate-limit backend:
+the answer is an error status within the timeout, counted in mixerhub_adapter_errors_total, and
+the check service's failure policy (``--check-fail-open``) decides what the request gets. After a
+failure, Redis is left alone for ``backoff`` (every allocation meanwhile fails at once, counted
+too), so a dead server costs one timeout, not one per request; then the next call reconnects.
 """
 
 from __future__ import annotations
@@ -18,16 +25,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mixerhub import adapter
 from mixerhub.adapter import Env, Handler, InstanceSpec, QuotaArgs, QuotaResult
 from mixerhub.quota import Clock
 from mixerhub.quota.overrides import dimension_text, first_override
+from mixerhub.ratelimit.redis import close, connect, parse_url
 from mixerhub.templates import QuotaInstance
 
 from .config import Algorithm, Quota, RedisQuotaParams
@@ -35,6 +43,7 @@ from .scripts import FIXED_WINDOW, ROLLING_WINDOW
 
 # One allocation must answer well inside the check budget (--check-budget, 150 ms by default).
 DEFAULT_TIMEOUT = 0.1
+DEFAULT_BACKOFF = 0.05
 _US = 1_000_000
 
 
@@ -75,14 +84,31 @@ def _compile(q: Quota) -> _CompiledQuota:
 
 
 def redis_key(name: str, dimensions: Mapping[str, object], tag: str = "") -> str:
-    """Mixer's key: the quota name, then ``;name=value`` for each dimension in name order."""
+    """Mixer's key in a hash tag: ``{name;dimension=value...}``, dimensions in name order.
+
+    The other keys of an allocation extend this one, so whatever the dimension text holds
+    (even a ``}``), their hash tag is the same: Redis Cluster's tag runs from the first ``{``.
+    """
     key = name + "".join(f";{k}={dimension_text(dimensions[k])}" for k in sorted(dimensions))
-    return f"{key};override={tag}" if tag else key
+    return f"{{{key};override={tag}}}" if tag else f"{{{key}}}"
 
 
 def _no_retry() -> Retry:
     # A retry would double the time a down Redis costs each request; the next request retries.
     return Retry(NoBackoff(), 0)
+
+
+Client = aioredis.Redis | RedisCluster
+
+
+def connect_client(params: RedisQuotaParams, timeout: float) -> tuple[Client, list[aioredis.Redis]]:
+    """The client for redisServerUrl, and the sentinels' clients to close with it."""
+    url = params.redis_server_url
+    if "://" in url and parse_url(url).kind:
+        # Sentinel or Cluster: each pool holds at most connectionPoolSize connections.
+        return connect(url, timeout, max_connections=params.connection_pool_size)
+    pool = connection_pool(params, timeout)
+    return aioredis.Redis(connection_pool=pool, retry=_no_retry()), []
 
 
 def connection_pool(params: RedisQuotaParams, timeout: float) -> aioredis.BlockingConnectionPool:
@@ -113,14 +139,15 @@ class RedisQuotaHandler(Handler):
         env: Env,
         clock: Clock = time.time,
         timeout: float = DEFAULT_TIMEOUT,
+        backoff: float = DEFAULT_BACKOFF,
     ) -> None:
         self.env = env
         self._clock = clock  # wall-clock seconds: hubs sharing a Redis must agree on it
         self._timeout = timeout
+        self.backoff = backoff
+        self._down_until = 0.0  # time.monotonic() before which Redis is not tried
         self._quotas = {q.name: _compile(q) for q in params.quotas}
-        self._client = aioredis.Redis(
-            connection_pool=connection_pool(params, timeout), retry=_no_retry()
-        )
+        self._client, self._also_close = connect_client(params, timeout)
         self._scripts = {
             Algorithm.FIXED_WINDOW: self._client.register_script(FIXED_WINDOW),
             Algorithm.ROLLING_WINDOW: self._client.register_script(ROLLING_WINDOW),
@@ -135,9 +162,15 @@ class RedisQuotaHandler(Handler):
             )
         if args.amount <= 0:  # Mixer's redisquota never released: nothing to give back
             return QuotaResult(0)
+        if time.monotonic() < self._down_until:
+            return self._failed(
+                adapter.UNAVAILABLE, instance, "redis unavailable: backing off after a failure"
+            )
         lim = quota.limit(instance.dimensions)
         key = redis_key(instance.name, instance.dimensions, lim.tag)
-        keys = [key] if quota.algorithm is Algorithm.FIXED_WINDOW else [key, key + ";data"]
+        keys = [key, f"{key};dedup={args.deduplication_id}"]
+        if quota.algorithm is Algorithm.ROLLING_WINDOW:
+            keys.append(f"{key};data")
         argv = [
             lim.max_amount,
             quota.window_us,
@@ -152,12 +185,16 @@ class RedisQuotaHandler(Handler):
             async with asyncio.timeout(self._timeout * 2):
                 granted, valid_us = await script(keys=keys, args=argv)
         except (TimeoutError, RedisTimeoutError) as e:
-            return self._failed(adapter.DEADLINE_EXCEEDED, instance, f"timed out: {e}")
+            return self._down(adapter.DEADLINE_EXCEEDED, instance, f"timed out: {e}")
         except RedisConnectionError as e:
-            return self._failed(adapter.UNAVAILABLE, instance, f"redis unavailable: {e}")
-        except (RedisError, OSError, ValueError, TypeError) as e:
-            return self._failed(adapter.INTERNAL, instance, f"redis failed: {e}")
+            return self._down(adapter.UNAVAILABLE, instance, f"redis unavailable: {e}")
+        except Exception as e:  # RedisError, a Cluster's own errors, a bad reply: never raised
+            return self._failed(adapter.INTERNAL, instance, f"redis failed: {e!r}")
         return QuotaResult(int(granted), int(valid_us) / _US)
+
+    def _down(self, status: int, instance: QuotaInstance, reason: str) -> QuotaResult:
+        self._down_until = time.monotonic() + self.backoff
+        return self._failed(status, instance, reason)
 
     def _failed(self, status: int, instance: QuotaInstance, reason: str) -> QuotaResult:
         self.env.count_error()
@@ -165,8 +202,9 @@ class RedisQuotaHandler(Handler):
         return QuotaResult(0, 0.0, status, f"redisquota: {reason}")
 
     async def close(self) -> None:
-        await self._client.aclose()
-        await self._client.connection_pool.disconnect()
+        await close(self._client, self._also_close)
+        if isinstance(self._client, aioredis.Redis):
+            await self._client.connection_pool.disconnect()
 
 
 def build(

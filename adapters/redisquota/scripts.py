@@ -1,11 +1,14 @@
 """The Lua scripts: each allocation is one script run inside Redis, so it is atomic across hubs.
 
 As in Mixer's redisquota, the caller passes the time (microseconds since the epoch here), every
-hub sharing a Redis must keep its clock in sync, and a request's answer is remembered under
-``<deduplication id>-<key>`` until its grant expires, so a retried request is charged once.
+hub sharing a Redis must keep its clock in sync, and a request's answer is remembered under a
+deduplication key until its grant expires, so a retried request is charged once.
 
-Arguments (both scripts): ARGV = maxAmount, window (us), bucket (us), best effort (0|1), amount,
-now (us), deduplication id. Result: {granted amount, microseconds the grant holds}.
+Every key a script touches is in KEYS (Redis Cluster routes and checks a script by them) and
+shares the quota key's hash tag, so one allocation is one slot: KEYS = the quota key, its
+deduplication key (``<key>;dedup=<id>``, untouched when the id is empty), and for the rolling
+window the buckets' key. ARGV (both scripts) = maxAmount, window (us), bucket (us), best effort
+(0|1), amount, now (us), deduplication id. Result: {granted amount, microseconds the grant holds}.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ local dedup = ARGV[7]
 -- keys outlive their window a little, so a hub whose clock lags still finds them
 local ttl_ms = math.ceil(window / 1000) + 1000
 
-local dedup_key = dedup .. '-' .. key
+local dedup_key = KEYS[2]
 if dedup ~= '' then
   local seen = redis.call('HMGET', dedup_key, 'granted', 'expires')
   local granted, expires = tonumber(seen[1]), tonumber(seen[2])
@@ -78,7 +81,7 @@ ROLLING_WINDOW = (
     + """
 -- a hash per key (used in the window, the open bucket's amount and start, a sequence) and a
 -- sorted set of closed buckets ('<seq>.<amount>' scored by the bucket's start)
-local data = KEYS[2]
+local data = KEYS[3]
 local state = redis.call('HMGET', key, 'used', 'bucket_used', 'bucket_start')
 local used, bucket_used, bucket_start = tonumber(state[1]), tonumber(state[2]), tonumber(state[3])
 if not used or not bucket_used or not bucket_start then

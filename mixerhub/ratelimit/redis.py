@@ -232,7 +232,9 @@ def redis_key(charge: Charge, prefix: str = "mixerhub:rl") -> str:
 Client = aioredis.Redis | RedisCluster
 
 
-def connect(url: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[Client, list[aioredis.Redis]]:
+def connect(
+    url: str, timeout: float = DEFAULT_TIMEOUT, *, max_connections: int = 256
+) -> tuple[Client, list[aioredis.Redis]]:
     """A client whose every call gives up after ``timeout``, from one of these URLs:
 
     - ``redis://[[user]:password@]host:port[/db]``, ``rediss://`` (TLS), ``unix://path``;
@@ -244,7 +246,8 @@ def connect(url: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[Client, list[ai
 
     The ``rediss+`` forms use TLS. redis-py's own retries are off: a failed call is answered by
     the failure policy and the next one reconnects. Returns the client and the other clients
-    it uses (the sentinels'), to close with it.
+    it uses (the sentinels'), to close with it. ``max_connections`` bounds each pool (per node
+    for a Cluster). Also the connection of adapters/redisquota.
     """
     common: dict[str, Any] = {
         "socket_timeout": timeout,
@@ -253,14 +256,16 @@ def connect(url: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[Client, list[ai
     }
     u = parse_url(url)
     if u.kind == "":
-        client: aioredis.Redis = aioredis.Redis.from_url(url, max_connections=256, **common)
+        client: aioredis.Redis = aioredis.Redis.from_url(
+            url, max_connections=max_connections, **common
+        )
         return client, []
     auth: dict[str, Any] = {"username": u.username, "password": u.password}
     if u.kind == "cluster":
         cluster = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in u.hosts],
             ssl=u.tls,
-            max_connections=256,
+            max_connections=max_connections,
             **auth,
             **common,
         )
@@ -271,8 +276,22 @@ def connect(url: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[Client, list[ai
         sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout, **ssl},
         **common,
     )
-    master: aioredis.Redis = sentinel.master_for(u.service, db=u.db, **auth, **ssl)
+    master: aioredis.Redis = sentinel.master_for(
+        u.service, db=u.db, max_connections=max_connections, **auth, **ssl
+    )
     return master, list(sentinel.sentinels)
+
+
+async def close(client: Client, also_close: Sequence[aioredis.Redis] = ()) -> None:
+    """Close ``client`` and the clients ``connect`` returned with it."""
+    await client.aclose()
+    if isinstance(client, RedisCluster):
+        # RedisCluster.aclose() does nothing while the client waits to be initialized again,
+        # as it does after a node failed: its nodes' connections are closed here.
+        await client.nodes_manager.aclose("nodes_cache")
+        await client.nodes_manager.aclose("startup_nodes")
+    for other in also_close:
+        await other.aclose()
 
 
 class RedisURL(NamedTuple):
@@ -370,9 +389,7 @@ class RedisBackend:
         return cls(client, timeout=timeout, failure=failure, also_close=others)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
-        for other in self._also_close:
-            await other.aclose()
+        await close(self.client, self._also_close)
 
     async def take(self, charges: Sequence[Charge]) -> Sequence[Outcome]:
         return await self._take(charges, None)

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from mixerhub import adapter, registry
 from mixerhub.adapter import Env, InstanceSpec, QuotaArgs, QuotaResult
 from mixerhub.dispatcher import CheckDispatcher
+from mixerhub.monitoring import REGISTRY
 from mixerhub.store import documents
 from mixerhub.store.compile import compile_snapshot
 from mixerhub.templates import QuotaInstance
@@ -144,6 +145,19 @@ def test_mixer_validation() -> None:
     assert "validDuration must be > bucketDuration" in dict(found)["quotas[2].validDuration"]
 
 
+@pytest.mark.parametrize(
+    "url", ["http://h:1", "redis+sentinel://h:1", "redis+cluster://h:1/0", "redis+x://h:1"]
+)
+def test_a_url_connect_cannot_read_is_a_config_error(url: str) -> None:
+    found = errors({"redisServerUrl": url, "quotas": [quota()]}, (NAME,))
+    assert [path for path, _ in found] == ["redisServerUrl"], found
+
+
+def test_sentinel_and_cluster_urls_validate() -> None:
+    for url in ("redis+sentinel://h:26379,h2:26379/mymaster/1", "redis+cluster://h:1,h:2"):
+        assert errors({"redisServerUrl": url, "quotas": [quota()]}, (NAME,)) == []
+
+
 def test_unknown_algorithm_is_rejected() -> None:
     with pytest.raises(ValueError, match="FIXED_WINDOW"):
         RedisQuotaParams.model_validate(
@@ -190,13 +204,16 @@ async def test_best_effort_takes_what_is_left(make: Any) -> None:
     assert (await ask(h, q(), amount=1, best_effort=True)).amount == 0
 
 
-async def test_state_is_in_redis_under_mixers_key(make: Any, redis_url: str) -> None:
+async def test_state_is_in_redis_under_mixers_key_as_a_hash_tag(make: Any, redis_url: str) -> None:
     a = make(quota(maxAmount=2))
     b = make(quota(maxAmount=2))  # a second hub on the same Redis shares the count
     assert (await ask(a, q(destination="reviews"))).amount == 1
     assert (await ask(b, q(destination="reviews"))).amount == 1
     assert (await ask(a, q(destination="reviews"))).amount == 0
-    assert redis_key(NAME, {"destination": "reviews", "a": 1}) == f"{NAME};a=1;destination=reviews"
+    # Mixer's key, in a hash tag (one slot per allocation in a Redis Cluster).
+    assert (
+        redis_key(NAME, {"destination": "reviews", "a": 1}) == f"{{{NAME};a=1;destination=reviews}}"
+    )
     client = aioredis.Redis.from_url(f"redis://{redis_url}")
     try:
         stored = await client.hget(redis_key(NAME, {"destination": "reviews"}), "used")
@@ -325,6 +342,29 @@ async def test_hung_redis_times_out_quickly(make: Any, silent_port: int) -> None
     results = await asyncio.gather(*(ask(h, q()) for _ in range(3)))
     assert time.monotonic() - began < 1.0
     assert {r.status for r in results} == {adapter.DEADLINE_EXCEEDED}
+
+
+def adapter_errors() -> float:
+    sample = REGISTRY.get_sample_value("mixerhub_adapter_errors_total", {"adapter": "redisquota"})
+    return sample or 0.0
+
+
+async def test_after_a_failure_redis_is_left_alone_for_the_backoff(
+    make: Any, silent_port: int
+) -> None:
+    # As the rate-limit backend: a hung Redis costs one timeout, not one per request.
+    h = make(quota(), url=f"redis://{LOOPBACK}:{silent_port}/0")
+    h.backoff = 30.0
+    before = adapter_errors()
+    began = time.monotonic()
+    assert (await ask(h, q())).status == adapter.DEADLINE_EXCEEDED
+    assert time.monotonic() - began < 1.0
+    began = time.monotonic()
+    during = [await ask(h, q()) for _ in range(20)]
+    assert time.monotonic() - began < 0.1
+    assert {(r.amount, r.status) for r in during} == {(0, adapter.UNAVAILABLE)}
+    assert "backing off" in during[0].message
+    assert adapter_errors() - before == 21  # every failed allocation is counted
 
 
 async def test_redis_going_away_and_back(

@@ -1,0 +1,122 @@
+"""The Redis rate-limit backend through Redis Sentinel (``redis+sentinel://host:port/service``),
+against real processes: a master, its replica and one Sentinel (quorum 1), on free ports.
+
+The failover test kills the master: while the Sentinel promotes the replica, decisions are the
+failure policy's, each within the timeout and counted; then they come from the new master, with
+the counts the replica had copied.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from mixerhub.monitoring import REGISTRY
+from mixerhub.ratelimit.backend import Charge
+from mixerhub.ratelimit.redis import RedisBackend
+from tests.harness import LOOPBACK, ProcessGroup
+from tests.redis_server import (
+    RedisServer,
+    requires_redis,
+    sentinel_master,
+    start_redis,
+    start_replica,
+    start_sentinel,
+)
+
+pytestmark = requires_redis
+
+SERVICE = "mymaster"
+
+
+@dataclass
+class Topology:
+    master: RedisServer
+    replica: RedisServer
+    sentinel: RedisServer
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://{LOOPBACK}:{self.sentinel.port}/{SERVICE}"
+
+
+@pytest.fixture
+def topology(tmp_path: Path, processes: ProcessGroup) -> Topology:
+    master = start_redis(processes)
+    replica = start_replica(processes, master)
+    sentinel = start_sentinel(processes, master, tmp_path, SERVICE, replicas=1)
+    return Topology(master, replica, sentinel)
+
+
+def failures() -> float:
+    return sum(
+        REGISTRY.get_sample_value("mixerhub_ratelimit_redis_failures_total", {"reason": r}) or 0.0
+        for r in ("timeout", "error")
+    )
+
+
+def evalsha_calls(port: int) -> int:
+    client = redis.Redis(host=LOOPBACK, port=port)
+    try:
+        calls: int = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        return calls
+    finally:
+        client.close()
+
+
+async def test_decisions_go_to_the_master_the_sentinel_names(topology: Topology) -> None:
+    b = RedisBackend.from_url(topology.url, timeout=1.0)
+    try:
+        c = Charge(("d", (("k", "v"),)), 1, 2, 60, "rolling_window")
+        assert [(await b.take([c]))[0].charged for _ in range(3)] == [True, True, False]
+        assert evalsha_calls(topology.master.port) == 3
+        assert evalsha_calls(topology.replica.port) == 0
+    finally:
+        await b.aclose()
+
+
+async def test_after_a_failover_decisions_resume_on_the_promoted_replica(
+    topology: Topology,
+) -> None:
+    limit = 5
+    c = Charge(("d", (("user", "u1"),)), 1, limit, 60, "rolling_window")
+    b = RedisBackend.from_url(topology.url, timeout=0.2, failure="allow")
+    b.backoff = 0.0
+    try:
+        assert [(await b.take([c]))[0].charged for _ in range(3)] == [True] * 3
+        # The replica has the three hits before its master dies (replication is asynchronous).
+        master = redis.Redis(host=LOOPBACK, port=topology.master.port)
+        try:
+            assert master.execute_command("WAIT", 1, 5000) == 1  # type: ignore[no-untyped-call]
+        finally:
+            master.close()
+
+        before = failures()
+        topology.master.kill()
+        answered: list[bool] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            start = time.monotonic()
+            outcome = (await b.take([c]))[0]
+            assert time.monotonic() - start < 1.0, "a decision waited on the dead master"
+            answered.append(outcome.charged)
+            if outcome.charged:
+                break
+            # Allowed by the failure policy: not over the limit, not charged.
+            assert not outcome.over_limit
+            time.sleep(0.05)
+        assert answered[-1], "no decision reached the promoted replica in 30 s"
+        assert failures() - before == len(answered) - 1 >= 1
+        assert sentinel_master(topology.sentinel.port, SERVICE) == topology.replica.port
+
+        # The fourth hit was the first on the new master; the fifth fits, the sixth does not.
+        after = [await b.take([c]) for _ in range(2)]
+        assert [o[0].charged for o in after] == [True, False]
+        assert after[-1][0].over_limit
+        assert evalsha_calls(topology.replica.port) >= 2
+    finally:
+        await b.aclose()
