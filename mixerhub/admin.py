@@ -6,26 +6,35 @@ import json
 from typing import Any
 
 from aiohttp import web
+from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mixerhub import __version__
 from mixerhub.monitoring import REGISTRY
 from mixerhub.registry import Registry
 from mixerhub.store.watch import ConfigStore
+from mixerhub.xds import status
+from mixerhub.xds.cache import SnapshotCache
 
 _STORE = web.AppKey("store", ConfigStore)
 _REGISTRY = web.AppKey("registry", Registry)
+_XDS = web.AppKey("xds", SnapshotCache)
 
 
-def application(store: ConfigStore, registry: Registry) -> web.Application:
+def application(
+    store: ConfigStore, registry: Registry, xds: SnapshotCache | None = None
+) -> web.Application:
     app = web.Application()
     app[_STORE] = store
     app[_REGISTRY] = registry
+    app[_XDS] = xds if xds is not None else SnapshotCache()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/debug/configz", configz)
     app.router.add_get("/debug/adapters", adapters)
+    app.router.add_get("/debug/syncz", syncz)
+    app.router.add_get("/debug/config_dump", config_dump)
     return app
 
 
@@ -82,6 +91,34 @@ async def adapters(request: web.Request) -> web.Response:
                 for info in registry.adapters.values()
             ],
             "problems": list(registry.problems),
+        }
+    )
+
+
+async def syncz(request: web.Request) -> web.Response:
+    """Every connected proxy and, per xDS type, the version sent, acknowledged or rejected."""
+    return _json(status.syncz(request.app[_XDS]))
+
+
+async def config_dump(request: web.Request) -> web.Response:
+    """What the hub serves one proxy (``?proxy=NODE_ID``), resources as Envoy's JSON."""
+    node_id = request.query.get("proxy", "")
+    if not node_id:
+        return web.Response(status=400, text="which proxy? /debug/config_dump?proxy=NODE_ID\n")
+    snapshot = request.app[_XDS].get_snapshot(node_id)
+    if snapshot is None:
+        return web.Response(status=404, text=f"no configuration for proxy {node_id!r}\n")
+    return _json(
+        {
+            "node_id": node_id,
+            "versions": dict(snapshot.versions),
+            "resources": {
+                type_url: [
+                    json_format.MessageToDict(packed, preserving_proto_field_name=False)
+                    for packed in by_name.values()
+                ]
+                for type_url, by_name in snapshot.packed.items()
+            },
         }
     )
 

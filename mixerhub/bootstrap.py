@@ -21,40 +21,68 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 
-HUB_CLUSTER = "mixerhub"
+from mixerhub.hub_filters import (
+    ACCESS_LOG_NAME,
+    HUB_CLUSTER,
+    LABELS_HEADER,
+    LOGGED_HEADERS,
+    NAMESPACE_HEADER,
+    SERVICE_ACCOUNT_HEADER,
+    TRACE_HEADERS,
+    WORKLOAD_HEADER,
+    ext_authz_filter,
+    http_access_log,
+    identity_metadata,
+    labels_header,
+    ratelimit_filter,
+    router_filter,
+    tcp_access_log,
+    workload_rate_limits,
+)
+
+# Re-exported: these were defined here before the filters were shared with the xDS translation.
+__all__ = [
+    "ACCESS_LOG_NAME",
+    "HUB_CLUSTER",
+    "LABELS_HEADER",
+    "LOGGED_HEADERS",
+    "NAMESPACE_HEADER",
+    "SERVICE_ACCOUNT_HEADER",
+    "STAT_PREFIX",
+    "TRACE_HEADERS",
+    "UPSTREAM_CLUSTER",
+    "WORKLOAD_HEADER",
+    "AdsOptions",
+    "BootstrapOptions",
+    "Workload",
+    "add_arguments",
+    "ads_bootstrap",
+    "ads_options_from_args",
+    "options_from_args",
+    "parse_endpoint",
+    "parse_labels",
+    "parse_port",
+    "parse_ratelimit_headers",
+    "render_ads_yaml",
+    "render_yaml",
+    "static_bootstrap",
+]
+
 UPSTREAM_CLUSTER = "upstream"
 STAT_PREFIX = "inbound"
-ACCESS_LOG_NAME = "mixerhub"
-
-# gRPC initial metadata on every Check and ShouldRateLimit call: who is asking.
-WORKLOAD_HEADER = "x-mixerhub-workload"
-NAMESPACE_HEADER = "x-mixerhub-namespace"
-LABELS_HEADER = "x-mixerhub-labels"
-SERVICE_ACCOUNT_HEADER = "x-mixerhub-service-account"
-
-# Trace context Envoy does not log on its own (request_id is already a field of the entry).
-# What the access log carries beyond its fields: gRPC is told from plain HTTP by content-type,
-# and Istio's access log reads x-forwarded-for and x-api-key.
-LOGGED_HEADERS = ("content-type", "x-forwarded-for", "x-api-key", "x-client-trace-id")
-TRACE_HEADERS = ("x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "traceparent")
 
 _TYPE = "type.googleapis.com/"
 _HCM_TYPE = (
     _TYPE + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 )
-_EXT_AUTHZ_TYPE = _TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
-_RATELIMIT_TYPE = _TYPE + "envoy.extensions.filters.http.ratelimit.v3.RateLimit"
-_ROUTER_TYPE = _TYPE + "envoy.extensions.filters.http.router.v3.Router"
-_HTTP_GRPC_LOG_TYPE = _TYPE + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
 _HTTP_OPTIONS_TYPE = _TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _TCP_PROXY_TYPE = _TYPE + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
-_TCP_GRPC_LOG_TYPE = _TYPE + "envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig"
 
 # What Envoy's listener speaks: "http" (the HTTP connection manager with ext_authz, rate limits
 # and the HTTP access log) or "tcp" (a plain TCP proxy with the TCP access log).
@@ -67,6 +95,7 @@ _LABEL_PART = re.compile(r"[^,=\s\x00-\x1f\x7f]+")
 # DNS-1123-ish names, plus "_" and "." which Envoy and Istio tolerate in node ids and headers.
 _NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
 _MAX_PORT = 65535
+_HEADER_NAME = re.compile(r":?[!#$%&'*+.^_`|~0-9a-z-]+")
 
 _T = TypeVar("_T")
 
@@ -90,7 +119,7 @@ class Workload:
     @property
     def labels_header(self) -> str:
         """The labels as one header value: ``k=v,k2=v2``, sorted by key."""
-        return ",".join(f"{key}={self.labels[key]}" for key in sorted(self.labels))
+        return labels_header(self.labels)
 
 
 @dataclass(frozen=True)
@@ -106,6 +135,8 @@ class BootstrapOptions:
     ratelimit_domain: str = "mixerhub"
     listen_address: str = "127.0.0.1"
     protocol: ListenerProtocol = "http"
+    # (request header, descriptor key): one more rate-limit descriptor each, [workload, header].
+    ratelimit_headers: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         _check_port("listen_port", self.listen_port)
@@ -121,31 +152,17 @@ class BootstrapOptions:
             raise ValueError(
                 f"protocol: {self.protocol!r} is not one of {', '.join(LISTENER_PROTOCOLS)}"
             )
+        _check_ratelimit_headers("ratelimit_headers", self.ratelimit_headers)
 
     @property
     def resolved_node_id(self) -> str:
-        """The node id Envoy reports; by default in the shape of an Istio sidecar's."""
-        if self.node_id is not None:
-            return self.node_id
-        w = self.workload
-        return f"sidecar~127.0.0.1~{w.name}.{w.namespace}~{w.namespace}.svc.cluster.local"
+        return _node_id(self.node_id, self.workload)
 
 
 def static_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
     """The complete Envoy bootstrap as plain data (JSON/YAML-ready)."""
-    workload = options.workload
     return {
-        "node": {
-            "id": options.resolved_node_id,
-            "cluster": workload.name,
-            # The keys istio-agent puts in a sidecar's node metadata.
-            "metadata": {
-                "NAMESPACE": workload.namespace,
-                "WORKLOAD_NAME": workload.name,
-                "LABELS": dict(sorted(workload.labels.items())),
-                "SERVICE_ACCOUNT": workload.service_account,
-            },
-        },
+        "node": _node(options.resolved_node_id, options.workload),
         "admin": {"address": _socket_address("127.0.0.1", options.admin_port)},
         "static_resources": {
             "listeners": [_listener(options)],
@@ -162,11 +179,93 @@ def render_yaml(options: BootstrapOptions) -> str:
     return yaml.safe_dump(static_bootstrap(options), sort_keys=False)
 
 
+@dataclass(frozen=True)
+class AdsOptions:
+    """`mixerhub bootstrap --ads`: Envoy gets everything but the hub's address over ADS."""
+
+    workload: Workload = field(default_factory=Workload)
+    hub: tuple[str, int] = ("127.0.0.1", 9091)
+    admin_port: int = 15000
+    node_id: str | None = None
+    delta: bool = False  # incremental xDS (DELTA_GRPC) rather than state of the world
+
+    def __post_init__(self) -> None:
+        _check_port("admin_port", self.admin_port)
+        _check_endpoint("hub", self.hub)
+        if self.node_id is not None and not self.node_id:
+            raise ValueError("node_id: must not be empty (leave it unset for the default)")
+
+    @property
+    def resolved_node_id(self) -> str:
+        return _node_id(self.node_id, self.workload)
+
+
+def ads_bootstrap(options: AdsOptions) -> dict[str, Any]:
+    """The node, the admin port and the hub's cluster; listeners and clusters come over ADS.
+
+    The one static cluster carries ADS and the calls of the hub's own filters (ext_authz, rate
+    limits, access logs), which the translated listeners name HUB_CLUSTER too. The node's
+    metadata is how the hub knows which workload's configuration to send.
+    """
+    def ads() -> dict[str, Any]:  # one object per use: YAML would alias a shared one
+        return {"ads": {}, "resource_api_version": "V3"}
+
+    return {
+        "node": _node(options.resolved_node_id, options.workload),
+        "admin": {"address": _socket_address("127.0.0.1", options.admin_port)},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "DELTA_GRPC" if options.delta else "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": HUB_CLUSTER}}],
+                "set_node_on_first_message_only": True,
+            },
+            "cds_config": ads(),
+            "lds_config": ads(),
+        },
+        "static_resources": {"clusters": [_cluster(HUB_CLUSTER, options.hub, http2=True)]},
+    }
+
+
+def render_ads_yaml(options: AdsOptions) -> str:
+    return yaml.safe_dump(ads_bootstrap(options), sort_keys=False)
+
+
+def _node(node_id: str, workload: Workload) -> dict[str, Any]:
+    return {
+        "id": node_id,
+        "cluster": workload.name,
+        # The keys istio-agent puts in a sidecar's node metadata.
+        "metadata": {
+            "NAMESPACE": workload.namespace,
+            "WORKLOAD_NAME": workload.name,
+            "LABELS": dict(sorted(workload.labels.items())),
+            "SERVICE_ACCOUNT": workload.service_account,
+        },
+    }
+
+
+def _node_id(node_id: str | None, w: Workload) -> str:
+    """The node id Envoy reports; by default in the shape of an Istio sidecar's."""
+    if node_id is not None:
+        return node_id
+    return f"sidecar~127.0.0.1~{w.name}.{w.namespace}~{w.namespace}.svc.cluster.local"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``mixerhub bootstrap`` flags; :func:`options_from_args` reads them back."""
     defaults = BootstrapOptions(upstream=("127.0.0.1", 8080))
     parser.add_argument(
-        "--upstream", required=True, metavar="HOST:PORT", help="the service Envoy fronts"
+        "--ads",
+        action="store_true",
+        help="a bootstrap that gets listeners, routes, clusters and endpoints from the hub's"
+        " xDS (ADS); without it, a static configuration fronting --upstream",
+    )
+    parser.add_argument(
+        "--delta", action="store_true", help="with --ads: incremental xDS (DELTA_GRPC)"
+    )
+    parser.add_argument(
+        "--upstream", metavar="HOST:PORT", help="the service Envoy fronts (required without --ads)"
     )
     parser.add_argument(
         "--listen",
@@ -206,6 +305,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ratelimit-domain", default=defaults.ratelimit_domain, metavar="DOMAIN")
     parser.add_argument(
+        "--ratelimit-header",
+        action="append",
+        default=[],
+        metavar="HEADER=KEY",
+        help="also rate-limit per value of a request header, as the descriptor"
+        " [workload, KEY=value] (repeatable; Envoy skips it when the header is absent)",
+    )
+    parser.add_argument(
         "--tcp",
         action="store_true",
         help="proxy plain TCP (envoy.filters.network.tcp_proxy, TCP access log to the hub)"
@@ -215,28 +322,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> BootstrapOptions:
     """Options from :func:`add_arguments`' flags; a bad value raises ValueError naming the flag."""
-    workload = Workload(
-        name=_with_flag("--workload", lambda: _check_name("", args.workload)),
-        namespace=_with_flag("--namespace", lambda: _check_name("", args.namespace)),
-        labels=_with_flag("--labels", lambda: parse_labels(args.labels)),
-        service_account=_with_flag(
-            "--service-account", lambda: _check_name("", args.service_account)
-        ),
-    )
+    if args.upstream is None:
+        raise ValueError("--upstream: required (or --ads for a bootstrap over xDS)")
     return BootstrapOptions(
         upstream=_with_flag("--upstream", lambda: parse_endpoint(args.upstream)),
         listen_port=_with_flag("--listen", lambda: parse_port(args.listen)),
         listen_address=_with_flag("--listen-address", lambda: _check_ip("", args.listen_address)),
         admin_port=_with_flag("--admin-port", lambda: parse_port(args.admin_port)),
         hub=_with_flag("--hub", lambda: parse_endpoint(args.hub)),
-        workload=workload,
-        node_id=None
-        if args.node_id is None
-        else _with_flag("--node-id", lambda: _non_empty(args.node_id)),
+        workload=_workload_from_args(args),
+        node_id=_node_id_from_args(args),
         ratelimit_domain=_with_flag(
             "--ratelimit-domain", lambda: _non_empty(args.ratelimit_domain)
         ),
         protocol="tcp" if args.tcp else "http",
+        ratelimit_headers=_with_flag(
+            "--ratelimit-header", lambda: parse_ratelimit_headers(args.ratelimit_header)
+        ),
+    )
+
+
+def ads_options_from_args(args: argparse.Namespace) -> AdsOptions:
+    """`--ads`: the flags that matter without a static listener; others are refused."""
+    static_only = [
+        flag
+        for flag, used in (
+            ("--upstream", args.upstream is not None),
+            ("--tcp", args.tcp),
+            ("--ratelimit-header", bool(args.ratelimit_header)),
+        )
+        if used
+    ]
+    if static_only:
+        raise ValueError(
+            f"{', '.join(static_only)}: not with --ads (the hub's xDS configures the listeners)"
+        )
+    return AdsOptions(
+        workload=_workload_from_args(args),
+        hub=_with_flag("--hub", lambda: parse_endpoint(args.hub)),
+        admin_port=_with_flag("--admin-port", lambda: parse_port(args.admin_port)),
+        node_id=_node_id_from_args(args),
+        delta=args.delta,
+    )
+
+
+def _node_id_from_args(args: argparse.Namespace) -> str | None:
+    if args.node_id is None:
+        return None
+    return _with_flag("--node-id", lambda: _non_empty(args.node_id))
+
+
+def _workload_from_args(args: argparse.Namespace) -> Workload:
+    return Workload(
+        name=_with_flag("--workload", lambda: _check_name("", args.workload)),
+        namespace=_with_flag("--namespace", lambda: _check_name("", args.namespace)),
+        labels=_with_flag("--labels", lambda: parse_labels(args.labels)),
+        service_account=_with_flag(
+            "--service-account", lambda: _check_name("", args.service_account)
+        ),
     )
 
 
@@ -278,17 +421,40 @@ def parse_labels(text: str) -> dict[str, str]:
     return labels
 
 
+def parse_ratelimit_headers(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``HEADER=KEY`` items to (header, descriptor key) pairs; header names are lower-cased."""
+    pairs: list[tuple[str, str]] = []
+    for item in items:
+        header, sep, key = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item!r} is not HEADER=KEY")
+        pairs.append((header.strip().lower(), key.strip()))
+    _check_ratelimit_headers("", pairs)
+    return tuple(pairs)
+
+
 def _listener(options: BootstrapOptions) -> dict[str, Any]:
     if options.protocol == "tcp":
         return _tcp_listener(options)
     workload = options.workload
+    identity = _identity_metadata(workload)
     route = {
         "cluster": UPSTREAM_CLUSTER,
-        # Descriptors the ratelimit filter sends: the workload alone, and the workload per client
-        # address (skipped by Envoy when the address is unknown).
         "rate_limits": [
-            {"actions": [_workload_key(workload)]},
-            {"actions": [_workload_key(workload), {"remote_address": {}}]},
+            *workload_rate_limits(workload.name),
+            # Per request header, [workload, header]: Envoy's request_headers action drops the
+            # whole descriptor when the header is absent (skip_if_absent is false).
+            *(
+                {
+                    "actions": [
+                        # The workload-alone descriptor's entry, a fresh copy: shared objects
+                        # would become YAML aliases.
+                        workload_rate_limits(workload.name)[0]["actions"][0],
+                        {"request_headers": {"header_name": header, "descriptor_key": key}},
+                    ]
+                }
+                for header, key in options.ratelimit_headers
+            ),
         ],
     }
     hcm = {
@@ -315,51 +481,11 @@ def _listener(options: BootstrapOptions) -> dict[str, Any]:
             ],
         },
         "http_filters": [
-            {
-                "name": "envoy.filters.http.ext_authz",
-                "typed_config": {
-                    "@type": _EXT_AUTHZ_TYPE,
-                    "grpc_service": _hub_service(
-                        timeout="0.2s", initial_metadata=_identity_metadata(workload)
-                    ),
-                    "transport_api_version": "V3",
-                    "failure_mode_allow": False,
-                    "include_peer_certificate": True,
-                },
-            },
-            {
-                "name": "envoy.filters.http.ratelimit",
-                "typed_config": {
-                    "@type": _RATELIMIT_TYPE,
-                    "domain": options.ratelimit_domain,
-                    "timeout": "0.020s",
-                    "failure_mode_deny": False,
-                    "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
-                    "rate_limit_service": {
-                        "grpc_service": _hub_service(initial_metadata=_identity_metadata(workload)),
-                        "transport_api_version": "V3",
-                    },
-                },
-            },
-            {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER_TYPE}},
+            ext_authz_filter(identity),
+            ratelimit_filter(options.ratelimit_domain, identity),
+            router_filter(),
         ],
-        "access_log": [
-            {
-                "name": "envoy.access_loggers.http_grpc",
-                "typed_config": {
-                    "@type": _HTTP_GRPC_LOG_TYPE,
-                    "common_config": {
-                        "log_name": ACCESS_LOG_NAME,
-                        "grpc_service": _hub_service(),
-                        "transport_api_version": "V3",
-                        "buffer_flush_interval": "1s",
-                    },
-                    "additional_request_headers_to_log": [*TRACE_HEADERS, *LOGGED_HEADERS],
-                    "additional_response_headers_to_log": ["content-type", "grpc-status"],
-                    "additional_response_trailers_to_log": ["grpc-status", "grpc-message"],
-                },
-            }
-        ],
+        "access_log": [http_access_log()],
     }
     return {
         "name": "inbound",
@@ -380,20 +506,7 @@ def _tcp_listener(options: BootstrapOptions) -> dict[str, Any]:
         "@type": _TCP_PROXY_TYPE,
         "stat_prefix": STAT_PREFIX,
         "cluster": UPSTREAM_CLUSTER,
-        "access_log": [
-            {
-                "name": "envoy.access_loggers.tcp_grpc",
-                "typed_config": {
-                    "@type": _TCP_GRPC_LOG_TYPE,
-                    "common_config": {
-                        "log_name": ACCESS_LOG_NAME,
-                        "grpc_service": _hub_service(),
-                        "transport_api_version": "V3",
-                        "buffer_flush_interval": "1s",
-                    },
-                },
-            }
-        ],
+        "access_log": [tcp_access_log()],
     }
     return {
         "name": "inbound",
@@ -404,28 +517,10 @@ def _tcp_listener(options: BootstrapOptions) -> dict[str, Any]:
     }
 
 
-def _hub_service(
-    timeout: str | None = None, initial_metadata: list[dict[str, str]] | None = None
-) -> dict[str, Any]:
-    service: dict[str, Any] = {"envoy_grpc": {"cluster_name": HUB_CLUSTER}}
-    if timeout is not None:
-        service["timeout"] = timeout
-    if initial_metadata is not None:
-        service["initial_metadata"] = initial_metadata
-    return service
-
-
 def _identity_metadata(workload: Workload) -> list[dict[str, str]]:
-    return [
-        {"key": WORKLOAD_HEADER, "value": workload.name},
-        {"key": NAMESPACE_HEADER, "value": workload.namespace},
-        {"key": LABELS_HEADER, "value": workload.labels_header},
-        {"key": SERVICE_ACCOUNT_HEADER, "value": workload.service_account},
-    ]
-
-
-def _workload_key(workload: Workload) -> dict[str, Any]:
-    return {"generic_key": {"descriptor_key": "workload", "descriptor_value": workload.name}}
+    return identity_metadata(
+        workload.name, workload.namespace, workload.labels, workload.service_account
+    )
 
 
 def _cluster(name: str, endpoint: tuple[str, int], *, http2: bool) -> dict[str, Any]:
@@ -511,6 +606,22 @@ def _check_label(what: str, key: str, value: str) -> None:
             f"{_at(what)}{key!r}={value!r} is not a valid label (key and value non-empty, without"
             " ',', '=', spaces or control characters)"
         )
+
+
+def _check_ratelimit_headers(what: str, pairs: Sequence[tuple[str, str]]) -> None:
+    seen: set[str] = set()
+    for header, key in pairs:
+        # An HTTP field name (RFC 9110 token), or a pseudo-header such as :path or :authority.
+        if not _HEADER_NAME.fullmatch(header):
+            raise ValueError(f"{_at(what)}{header!r} is not a lower-case request header name")
+        if header in seen:
+            raise ValueError(f"{_at(what)}header {header!r} is given twice")
+        seen.add(header)
+        if not _LABEL_PART.fullmatch(key):
+            raise ValueError(
+                f"{_at(what)}descriptor key {key!r} for {header!r} must be non-empty, without"
+                " ',', '=', spaces or control characters"
+            )
 
 
 def _non_empty(value: str) -> str:

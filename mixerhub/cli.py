@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=bootstrap.parse_port, default=9091)
     serve.add_argument("--http-port", type=bootstrap.parse_port, default=15014)
     serve.add_argument(
-        "--poll-interval", type=float, default=1.0, help="seconds between config file checks"
+        "--poll-interval", type=float, default=0.5, help="seconds between config file checks"
     )
     serve.add_argument(
         "--drain-seconds", type=float, default=5.0, help="time in-flight calls get on SIGTERM"
@@ -58,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
         "--ratelimit-redis",
         metavar="URL",
         type=_redis_url,
-        help="keep rate-limit counters in Redis (redis:// or rediss://), shared by every hub"
-        " using it; default: in memory",
+        help="keep rate-limit counters in Redis, shared by every hub using it: redis://,"
+        " rediss://, redis+sentinel://HOST:PORT[,...]/SERVICE or redis+cluster://HOST:PORT[,...];"
+        " default: in memory",
     )
     serve.add_argument(
         "--ratelimit-redis-failure",
@@ -72,6 +73,18 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=0.015,
         help="seconds a rate-limit decision waits for Redis (Envoy waits 0.02)",
+    )
+    serve.add_argument(
+        "--push-debounce",
+        type=float,
+        default=0.1,
+        help="seconds of quiet after a config change before xDS pushes it (istiod's 100 ms)",
+    )
+    serve.add_argument(
+        "--push-max-delay",
+        type=float,
+        default=10.0,
+        help="the longest a config change waits for quiet before it is pushed anyway",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=_serve)
@@ -90,9 +103,22 @@ def _parser() -> argparse.ArgumentParser:
     adapters = sub.add_parser("adapters", help="list the registered adapters")
     adapters.set_defaults(run=_adapters)
 
-    boot = sub.add_parser("bootstrap", help="print a static Envoy configuration wired to the hub")
+    boot = sub.add_parser(
+        "bootstrap", help="print an Envoy configuration wired to the hub (static, or --ads)"
+    )
     bootstrap.add_arguments(boot)
     boot.set_defaults(run=_bootstrap)
+
+    status = sub.add_parser(
+        "proxy-status", help="every connected proxy's xDS sync state, like istioctl's"
+    )
+    status.add_argument(
+        "--admin",
+        default="127.0.0.1:15014",
+        metavar="HOST:HTTP_PORT",
+        help="the hub's HTTP port (default 127.0.0.1:15014)",
+    )
+    status.set_defaults(run=_proxy_status)
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(run=lambda args: print(f"mixerhub {__version__}") or 0)
@@ -135,6 +161,8 @@ def _serve(args: argparse.Namespace) -> int:
         ratelimit_redis=args.ratelimit_redis,
         ratelimit_redis_failure=args.ratelimit_redis_failure,
         ratelimit_redis_timeout=args.ratelimit_redis_timeout,
+        push_debounce=args.push_debounce,
+        push_max_delay=args.push_max_delay,
     )
     return uvloop.run(server.run(options, reg))
 
@@ -205,13 +233,30 @@ def _adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _proxy_status(args: argparse.Namespace) -> int:
+    from mixerhub import proxy_status
+
+    try:
+        rows = proxy_status.fetch(args.admin)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(proxy_status.render(rows))
+    return 0
+
+
 def _bootstrap(args: argparse.Namespace) -> int:
     try:
-        options = bootstrap.options_from_args(args)
+        if args.ads:
+            text = bootstrap.render_ads_yaml(bootstrap.ads_options_from_args(args))
+        else:
+            if args.delta:
+                raise ValueError("--delta: only with --ads")
+            text = bootstrap.render_yaml(bootstrap.options_from_args(args))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sys.stdout.write(bootstrap.render_yaml(options))
+    sys.stdout.write(text)
     return 0
 
 

@@ -1,9 +1,10 @@
 """The hub process: every gRPC service on one port, the HTTP port, the config store, shutdown.
 
 One grpc.aio server on uvloop carries the standard health service, server reflection and the
-Envoy-facing services (ext_authz, access logs, rate limits). SIGTERM or SIGINT drains: health
-turns NOT_SERVING, in-flight calls get ``drain_seconds`` to finish, then adapters are closed
-(flushing what they queued) and the process exits 0.
+Envoy-facing services (ext_authz, access logs, rate limits, ADS). SIGTERM or SIGINT drains:
+health turns NOT_SERVING, ADS streams end (Envoys keep their config and reconnect to another
+hub), in-flight calls get ``drain_seconds`` to finish, then adapters are closed (flushing what
+they queued) and the process exits 0.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ from mixerhub.registry import Registry
 from mixerhub.security import jwks
 from mixerhub.snapshot import Snapshot
 from mixerhub.store.watch import ConfigStore
+from mixerhub.xds.ads import SERVICE_NAME as ADS_SERVICE
+from mixerhub.xds.ads import AggregatedDiscoveryService
+from mixerhub.xds.cache import SnapshotCache
+from mixerhub.xds.push import Pusher
+from mixerhub.xds.translate import translate
 
 log = logging.getLogger("mixerhub")
 
@@ -40,6 +46,7 @@ _SERVICES = (
     external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
     als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
     rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
+    ADS_SERVICE,
 )
 
 
@@ -49,7 +56,7 @@ class ServeOptions:
     address: str = "127.0.0.1"
     grpc_port: int = 9091
     http_port: int = 15014
-    poll_interval: float = 1.0
+    poll_interval: float = 0.5
     drain_seconds: float = 5.0
     check_fail_open: bool = False
     check_budget: float = 0.15
@@ -57,6 +64,9 @@ class ServeOptions:
     ratelimit_redis: str | None = None
     ratelimit_redis_failure: str = "allow"
     ratelimit_redis_timeout: float = 0.015
+    # istiod's debounce: a push waits for this much quiet after a change, at most push_max_delay.
+    push_debounce: float = 0.1
+    push_max_delay: float = 10.0
 
 
 class Hub:
@@ -80,12 +90,19 @@ class Hub:
         self.authorization = AuthorizationService(
             FailurePolicy(options.check_fail_open, options.check_budget)
         )
+        self.xds = SnapshotCache()
+        self.pusher = Pusher(
+            self.xds, translate, quiet=options.push_debounce, max_delay=options.push_max_delay
+        )
+        self.xds.hooks = self.pusher
+        self.ads = AggregatedDiscoveryService(self.xds)
 
     async def start(self) -> None:
         o = self.options
         self.grpc.add_generic_rpc_handlers((self.authorization.generic_handler(),))
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.access_log, self.grpc)
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.rate_limit, self.grpc)
+        self.ads.add_to_server(self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (
@@ -99,13 +116,16 @@ class Hub:
         self.grpc.add_insecure_port(f"{o.address}:{o.grpc_port}")
         await self.grpc.start()
 
-        self._http = web.AppRunner(admin.application(self.store, self.registry), access_log=None)
+        self._http = web.AppRunner(
+            admin.application(self.store, self.registry, self.xds), access_log=None
+        )
         await self._http.setup()
         await web.TCPSite(self._http, o.address, o.http_port).start()
 
         self.store.subscribe(self.authorization.activate)
         self.store.subscribe(self.access_log.activate)
         self.store.subscribe(self.rate_limit.activate)
+        self.store.subscribe(self.pusher.activate)
         self.store.subscribe(self._on_snapshot)
         await self.store.load()
         self._watch = asyncio.create_task(self.store.run())
@@ -121,6 +141,9 @@ class Hub:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
+        await self.pusher.close()
+        # ADS streams never end on their own: close them so the drain does not wait them out.
+        self.ads.close()
         await self.grpc.stop(self.options.drain_seconds)
         if self._http is not None:
             await self._http.cleanup()

@@ -24,6 +24,7 @@ from mixerhub.templates import Template, Variety
 from mixerhub.types import Bag, dump
 
 if TYPE_CHECKING:
+    from mixerhub.networking.registry import Networking
     from mixerhub.security.authentication import Authenticator
 
 
@@ -92,6 +93,13 @@ def _no_authentication() -> Authenticator:
     return Authenticator()
 
 
+def _no_networking() -> Networking:
+    # Imported here: the networking kinds import the store, which imports this module.
+    from mixerhub.networking.registry import Networking
+
+    return Networking()
+
+
 @dataclass(frozen=True)
 class Snapshot:
     version: str
@@ -112,6 +120,8 @@ class Snapshot:
     rate_limits: RateLimits = field(default_factory=RateLimits)
     # Istio QuotaSpecs and their bindings: what each quota is charged (mixerhub.quota_specs).
     quota_charges: QuotaCharges = field(default_factory=QuotaCharges)
+    # Istio's networking kinds, compiled (mixerhub.networking): what the xDS translation reads.
+    networking: Networking = field(default_factory=_no_networking)
 
     def configz(self) -> dict[str, Any]:
         """The active configuration as JSON-ready data, for /debug/configz."""

@@ -315,13 +315,20 @@ class Upstream:
         return http_request(self.host, self.port, "GET", path, headers=headers)
 
 
-def start_upstream(group: ProcessGroup, timeout: float = DEFAULT_READY_TIMEOUT) -> Upstream:
+def start_upstream(
+    group: ProcessGroup,
+    timeout: float = DEFAULT_READY_TIMEOUT,
+    *,
+    name: str = "",
+    fail_every: int = 0,
+) -> Upstream:
     """The echo server; it picks its own port and reports it in a file once listening."""
     for n in itertools.count(1):
         port_file = group.directory / f"upstream-{n}.port"
         if not port_file.exists():
             break
     argv = [sys.executable, str(UPSTREAM_SCRIPT), "--host", LOOPBACK, "--port-file", str(port_file)]
+    argv += ["--name", name, "--fail-every", str(fail_every)]
     process = group.start("upstream", argv)
     process.wait_ready(port_file.exists, timeout)
     return Upstream(process, int(port_file.read_text()))
@@ -361,11 +368,15 @@ def start_hub(
     command: Sequence[str] | None = None,
     extra_args: Sequence[str] = (),
     timeout: float = DEFAULT_READY_TIMEOUT,
+    ports: tuple[int, int] | None = None,
 ) -> Hub:
-    """Start ``mixerhub serve``; no ``config`` means the shipped default configuration."""
+    """Start ``mixerhub serve``; no ``config`` means the shipped default configuration.
+
+    ``ports`` (gRPC, HTTP) restarts a hub where its proxies expect it; by default both are free.
+    """
 
     def attempt() -> Hub:
-        grpc_port, http_port = free_port(), free_port()
+        grpc_port, http_port = ports or (free_port(), free_port())
         argv = [*(command or hub_command()), "serve"]
         if config is not None:
             argv += ["--config", str(config)]
@@ -377,7 +388,7 @@ def start_hub(
         process.wait_ready(http_probe(LOOPBACK, http_port, "/readyz"), timeout)
         return Hub(process, grpc_port, http_port, config)
 
-    return _retry_port_clash(attempt)
+    return attempt() if ports else _retry_port_clash(attempt)
 
 
 @dataclass(frozen=True)

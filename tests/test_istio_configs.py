@@ -1,7 +1,7 @@
 """Istio 1.4's own Mixer configuration (tests/data/istio-1.4) loads unchanged.
 
-Some documents need adapters, templates or kinds that arrive with later work (kubernetesenv
-with telemetry; DestinationRule with xDS). Each such error is listed here, exactly, so this test
+Some documents need adapters or templates that arrive with later work (kubernetesenv with
+telemetry). Each such error is listed here, exactly, so this test
 fails both when something else breaks and when one of them starts to load: then it comes off
 this list. A reference to a resource that failed is not reported again, so only the root causes
 are listed.
@@ -27,8 +27,6 @@ NOT_YET = {
     # telemetry issue: kubernetesenv and its attribute-producing template
     ("telemetry.yaml", "handler/kubernetesenv", *_ADAPTER),
     ("telemetry.yaml", "instance/attributes", "spec.attributeBindings", "attribute-producing"),
-    # xDS issue: networking kinds
-    ("telemetry.yaml", "DestinationRule/istio-telemetry", "kind", "unknown kind"),
     # never: out-of-process adapters (Mixer's gRPC adapters) are out of this project's scope
     (
         "policy/prometheus-oop-rule.yaml",

@@ -24,6 +24,11 @@ from mixerhub.store.documents import Document
 from mixerhub.store.errors import ConfigError, join_path
 
 if TYPE_CHECKING:
+    from mixerhub.networking.destination_rule import DestinationRule
+    from mixerhub.networking.service_entry import ServiceEntry
+    from mixerhub.networking.sidecar import Sidecar
+    from mixerhub.networking.virtual_service import VirtualService
+    from mixerhub.networking.workload_entry import WorkloadEntry
     from mixerhub.security.authentication import RequestAuthenticationPolicy
 
 M = TypeVar("M", bound=BaseModel)
@@ -74,6 +79,12 @@ class Compilation:
     rate_limits: dict[str, Domain] = field(default_factory=dict)
     # QuotaSpecs and QuotaSpecBindings (mixerhub.quota_specs).
     quota_charges: QuotaCharges = field(default_factory=QuotaCharges)
+    # Istio's networking kinds (mixerhub.networking), joined into one registry at the end.
+    service_entries: list[ServiceEntry] = field(default_factory=list)
+    workload_entries: list[WorkloadEntry] = field(default_factory=list)
+    destination_rules: list[DestinationRule] = field(default_factory=list)
+    virtual_services: list[VirtualService] = field(default_factory=list)
+    sidecars: list[Sidecar] = field(default_factory=list)
 
     def error(self, document: Document, path: str, reason: str) -> None:
         self.errors.append(document.error(path, reason))

@@ -17,6 +17,12 @@ from typing import Any
 from mixerhub.adapter import AdapterInfo, Env, Handler, InstanceSpec, check_handler
 from mixerhub.attributes import ValueType
 from mixerhub.monitoring import REGISTRY
+from mixerhub.networking.destination_rule import DESTINATION_RULE
+from mixerhub.networking.registry import Networking
+from mixerhub.networking.service_entry import SERVICE_ENTRY
+from mixerhub.networking.sidecar import SIDECAR
+from mixerhub.networking.virtual_service import VIRTUAL_SERVICE
+from mixerhub.networking.workload_entry import WORKLOAD_ENTRY
 from mixerhub.quota_specs import QUOTA_SPEC, QUOTA_SPEC_BINDING
 from mixerhub.ratelimit import config as ratelimit_config
 from mixerhub.ratelimit.matching import RateLimits
@@ -39,6 +45,11 @@ KINDS = kind_table(
         ratelimit_config.RATE_LIMIT_CONFIG,
         QUOTA_SPEC,
         QUOTA_SPEC_BINDING,
+        SERVICE_ENTRY,
+        WORKLOAD_ENTRY,
+        DESTINATION_RULE,
+        VIRTUAL_SERVICE,
+        SIDECAR,
     )
 )
 
@@ -124,6 +135,13 @@ def compile_snapshot(
         authenticator=authentication.Authenticator(c.request_authentications),
         rate_limits=RateLimits(dict(c.rate_limits)),
         quota_charges=c.quota_charges,
+        networking=Networking.build(
+            c.service_entries,
+            c.workload_entries,
+            c.virtual_services,
+            c.destination_rules,
+            c.sidecars,
+        ),
     )
 
 

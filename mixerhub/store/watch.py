@@ -48,7 +48,7 @@ class ConfigStore:
         paths: Sequence[str],
         registry: Registry,
         *,
-        poll_interval: float = 1.0,
+        poll_interval: float = 0.5,
         close_grace: float = 5.0,
     ) -> None:
         self.paths = list(paths)
@@ -94,7 +94,7 @@ class ConfigStore:
                 fingerprint = await asyncio.to_thread(_fingerprint, self.paths)
                 if fingerprint != self._fingerprint:
                     # Editors and `kubectl cp` write in steps; let the writes settle first.
-                    await asyncio.sleep(min(0.2, self.poll_interval))
+                    await asyncio.sleep(min(0.1, self.poll_interval))
                     await self.load()
             except asyncio.CancelledError:
                 raise
