@@ -19,6 +19,10 @@ import json
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+
+# bench/xds.py would shadow xds-protos' `xds` package: keep bench/ off the import path.
+sys.path.remove(str(Path(__file__).resolve().parent))
 
 import grpc
 import uvloop
@@ -58,6 +62,7 @@ class Client:
         self.subscribed: dict[str, tuple[str, ...]] = {}
         self.last_response = 0.0
         self.responses = 0
+        self.arrivals: list[float] = []  # time.time() of every response
         self.acked: set[str] = set()
 
     def request(
@@ -78,6 +83,7 @@ class Client:
     def on_response(self, response: discovery_pb2.DiscoveryResponse) -> None:
         self.responses += 1
         self.last_response = time.time()
+        self.arrivals.append(self.last_response)
         t = response.type_url
         self.request(t, self.subscribed.get(t, ()), response.version_info, response.nonce)
         self.acked.add(t)
@@ -137,16 +143,17 @@ async def main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     line = await loop.run_in_executor(None, sys.stdin.readline)
     t0 = float(line.split()[1])
-    before = {id(c): c.responses for c in clients}
-    await quiet(clients, args.quiet)
-    updated = [c for c in clients if c.responses > before[id(c)]]
-    last = max((c.last_response for c in updated), default=t0)
+    await quiet(clients, args.quiet, since=t0)
+    # Responses that arrived before this process read the line still count: go by arrival time.
+    after = [[t for t in c.arrivals if t >= t0] for c in clients]
+    updated = [a for a in after if a]
+    last = max((max(a) for a in updated), default=t0)
     print(
         json.dumps(
             {
                 "converged": last - t0,
                 "updated": len(updated),
-                "responses": sum(c.responses - before[id(c)] for c in clients),
+                "responses": sum(len(a) for a in after),
             }
         ),
         flush=True,
@@ -157,10 +164,10 @@ async def main(args: argparse.Namespace) -> None:
         await ch.close()
 
 
-async def quiet(clients: list[Client], seconds: float) -> None:
-    """Until no client has had a response for ``seconds``."""
+async def quiet(clients: list[Client], seconds: float, since: float = 0.0) -> None:
+    """Until no client has had a response for ``seconds`` (counted from ``since`` at least)."""
     while True:
-        last = max(c.last_response for c in clients)
+        last = max(since, *(c.last_response for c in clients))
         idle = time.time() - last
         if idle >= seconds:
             return

@@ -14,17 +14,22 @@ import asyncio
 import itertools
 import json
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import grpc
+# bench/xds.py would shadow xds-protos' `xds` package: keep bench/ off the import path.
+sys.path.remove(str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# The hub's translation imports every message type it emits, so JSON with "@type" parses.
-import mixerhub.xds.translate  # noqa: F401
+import grpc
 import uvloop
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, json_format
+
+# The hub's translation imports every message type it emits, so JSON with "@type" parses.
+import mixerhub.xds.translate  # noqa: F401
 
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 

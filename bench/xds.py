@@ -27,6 +27,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+# This script shares its name with xds-protos' `xds` package: keep bench/ off the import path,
+# and the repository on it.
+sys.path.remove(str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.harness import ProcessGroup, free_port, process_group, start_hub, tcp_probe

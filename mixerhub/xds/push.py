@@ -56,6 +56,10 @@ class Pusher(CacheHooks):
         self.translate = translate
         self.quiet, self.max_delay = quiet, max_delay
         self._config: Snapshot | None = None
+        # The current configuration's translations by identity: proxies of one workload share
+        # one XdsSnapshot, whether they connected before the push or after it.
+        self._translated: dict[Hashable, XdsSnapshot | None] = {}
+        self._translated_from: Snapshot | None = None
         self._pending_since: float | None = None
         self._last_change = 0.0
         self._debounce: asyncio.Task[None] | None = None
@@ -73,7 +77,7 @@ class Pusher(CacheHooks):
     # The cache's stream hooks.
     def on_stream_open(self, proxy: Proxy) -> None:
         if self._config is not None:
-            self._push({}, proxy, self._config)
+            self._push(self._translations(self._config), proxy, self._config)
 
     def on_stream_closed(self, proxy: Proxy) -> None:
         if proxy.node_id not in self.cache.proxies():  # its last stream: forget the node
@@ -96,7 +100,7 @@ class Pusher(CacheHooks):
         if config is None:
             return
         started = time.perf_counter()
-        translated: dict[Hashable, XdsSnapshot | None] = {}
+        translated = self._translations(config)
         proxies = self.cache.proxies()
         for proxy in proxies.values():
             self._push(translated, proxy, config)
@@ -105,6 +109,11 @@ class Pusher(CacheHooks):
             config.version, len(proxies), len(translated),
             (time.perf_counter() - started) * 1000,
         )  # fmt: skip
+
+    def _translations(self, config: Snapshot) -> dict[Hashable, XdsSnapshot | None]:
+        if self._translated_from is not config:
+            self._translated, self._translated_from = {}, config
+        return self._translated
 
     def _push(
         self, translated: dict[Hashable, XdsSnapshot | None], proxy: Proxy, config: Snapshot
