@@ -114,13 +114,21 @@ async def config_dump(request: web.Request) -> web.Response:
             "versions": dict(snapshot.versions),
             "resources": {
                 type_url: [
-                    json_format.MessageToDict(packed, preserving_proto_field_name=False)
-                    for packed in by_name.values()
+                    _redacted(json_format.MessageToDict(packed)) for packed in by_name.values()
                 ]
                 for type_url, by_name in snapshot.packed.items()
             },
         }
     )
+
+
+def _redacted(resource: dict[str, Any]) -> dict[str, Any]:
+    """A secret without its private key: a debug page is no place for one (Envoy's own
+    config_dump redacts them too)."""
+    certificate = resource.get("tlsCertificate")
+    if isinstance(certificate, dict) and "privateKey" in certificate:
+        certificate["privateKey"] = {"inlineString": "[redacted]"}
+    return resource
 
 
 def _json(body: object) -> web.Response:

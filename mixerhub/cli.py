@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from mixerhub import __version__, bootstrap
+from mixerhub.ca import cli as ca_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the longest a config change waits for quiet before it is pushed anyway",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ca_cli.add_serve_arguments(serve)
     serve.set_defaults(run=_serve)
 
     validate = sub.add_parser("validate", help="check configuration, print every error")
@@ -112,17 +114,30 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "proxy-status", help="every connected proxy's xDS sync state, like istioctl's"
     )
-    status.add_argument(
+    _add_admin(status)
+    status.set_defaults(run=_proxy_status)
+
+    config = sub.add_parser("proxy-config", help="what the hub serves one proxy, like istioctl's")
+    kinds = config.add_subparsers(dest="proxy_config", metavar="KIND", required=True)
+    secret = kinds.add_parser("secret", help="the proxy's certificates (SDS)")
+    secret.add_argument("node_id", metavar="NODE_ID")
+    _add_admin(secret)
+    secret.set_defaults(run=_proxy_config_secret)
+
+    ca_cli.add_ca_command(sub)
+
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(run=lambda args: print(f"mixerhub {__version__}") or 0)
+    return parser
+
+
+def _add_admin(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--admin",
         default="127.0.0.1:15014",
         metavar="HOST:HTTP_PORT",
         help="the hub's HTTP port (default 127.0.0.1:15014)",
     )
-    status.set_defaults(run=_proxy_status)
-
-    version = sub.add_parser("version", help="print the version")
-    version.set_defaults(run=lambda args: print(f"mixerhub {__version__}") or 0)
-    return parser
 
 
 def _redis_url(value: str) -> str:
@@ -149,6 +164,11 @@ def _serve(args: argparse.Namespace) -> int:
     reg = registry.default_registry()
     for problem in reg.problems:
         logging.getLogger("mixerhub.registry").error("adapter left out: %s", problem)
+    try:
+        ca = ca_cli.config_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     options = server.ServeOptions(
         config=args.config or [default_config_dir()],
         address=args.address,
@@ -163,6 +183,7 @@ def _serve(args: argparse.Namespace) -> int:
         ratelimit_redis_timeout=args.ratelimit_redis_timeout,
         push_debounce=args.push_debounce,
         push_max_delay=args.push_max_delay,
+        ca=ca,
     )
     return uvloop.run(server.run(options, reg))
 
@@ -242,6 +263,18 @@ def _proxy_status(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     sys.stdout.write(proxy_status.render(rows))
+    return 0
+
+
+def _proxy_config_secret(args: argparse.Namespace) -> int:
+    from mixerhub import proxy_config
+
+    try:
+        dump, state = proxy_config.fetch(args.admin, args.node_id)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(proxy_config.render(proxy_config.secret_rows(dump, state)))
     return 0
 
 

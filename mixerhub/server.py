@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import Sequence
@@ -27,6 +28,9 @@ from grpc_reflection.v1alpha import reflection
 
 from mixerhub import admin
 from mixerhub.access_log import AccessLogService
+from mixerhub.ca.authority import Authority, CAConfig
+from mixerhub.ca.service import CaServer, start_ca_server
+from mixerhub.ca.tokens import BootstrapTokens
 from mixerhub.ext_authz import AuthorizationService, FailurePolicy
 from mixerhub.rate_limit import RateLimitService
 from mixerhub.ratelimit.backend import Backend
@@ -38,6 +42,7 @@ from mixerhub.xds.ads import SERVICE_NAME as ADS_SERVICE
 from mixerhub.xds.ads import AggregatedDiscoveryService
 from mixerhub.xds.cache import SnapshotCache
 from mixerhub.xds.push import Pusher
+from mixerhub.xds.secrets import SecretIssuer
 from mixerhub.xds.translate import translate
 
 log = logging.getLogger("mixerhub")
@@ -67,6 +72,8 @@ class ServeOptions:
     # istiod's debounce: a push waits for this much quiet after a change, at most push_max_delay.
     push_debounce: float = 0.1
     push_max_delay: float = 10.0
+    # The mesh CA (--ca-dir): workload certificates over SDS and IstioCertificateService.
+    ca: CAConfig | None = None
 
 
 class Hub:
@@ -91,8 +98,17 @@ class Hub:
             FailurePolicy(options.check_fail_open, options.check_budget)
         )
         self.xds = SnapshotCache()
+        # Loading the CA may raise ValueError (an unusable --ca-dir): the hub does not start.
+        self.authority = Authority.from_config(options.ca) if options.ca is not None else None
+        self.ca_server: CaServer | None = None
         self.pusher = Pusher(
-            self.xds, translate, quiet=options.push_debounce, max_delay=options.push_max_delay
+            self.xds,
+            # Without a CA no secrets are served: inbound listeners then stay plaintext unless
+            # a PeerAuthentication demands STRICT (which fails closed).
+            functools.partial(translate, certificates=self.authority is not None),
+            quiet=options.push_debounce,
+            max_delay=options.push_max_delay,
+            secrets=None if self.authority is None else SecretIssuer(self.authority),
         )
         self.xds.hooks = self.pusher
         self.ads = AggregatedDiscoveryService(self.xds)
@@ -115,6 +131,14 @@ class Hub:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.grpc.add_insecure_port(f"{o.address}:{o.grpc_port}")
         await self.grpc.start()
+
+        if self.authority is not None and o.ca is not None and o.ca.port:
+            tokens = (
+                BootstrapTokens.from_file(o.ca.tokens_file, o.ca.trust_domain)
+                if o.ca.tokens_file is not None
+                else None
+            )
+            self.ca_server = await start_ca_server(self.authority, o.address, o.ca.port, tokens)
 
         self._http = web.AppRunner(
             admin.application(self.store, self.registry, self.xds), access_log=None
@@ -145,6 +169,8 @@ class Hub:
         # ADS streams never end on their own: close them so the drain does not wait them out.
         self.ads.close()
         await self.grpc.stop(self.options.drain_seconds)
+        if self.ca_server is not None:
+            await self.ca_server.stop(1.0)
         if self._http is not None:
             await self._http.cleanup()
         await self.rate_limit.close()
@@ -179,7 +205,11 @@ def rate_limit_backend(options: ServeOptions) -> Backend | None:
 
 
 async def run(options: ServeOptions, registry: Registry) -> int:
-    hub = Hub(options, registry)
+    try:
+        hub = Hub(options, registry)
+    except ValueError as e:  # a CA directory that cannot be used, with its file and reason
+        log.error("cannot start: %s", e)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

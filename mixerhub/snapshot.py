@@ -26,6 +26,7 @@ from mixerhub.types import Bag, dump
 if TYPE_CHECKING:
     from mixerhub.networking.registry import Networking
     from mixerhub.security.authentication import Authenticator
+    from mixerhub.security.peer_authentication import PeerAuthentications
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,13 @@ def _no_authentication() -> Authenticator:
     return Authenticator()
 
 
+def _no_peer_authentication() -> PeerAuthentications:
+    # Imported here: the security kinds import the store, which imports this module.
+    from mixerhub.security.peer_authentication import PeerAuthentications
+
+    return PeerAuthentications()
+
+
 def _no_networking() -> Networking:
     # Imported here: the networking kinds import the store, which imports this module.
     from mixerhub.networking.registry import Networking
@@ -116,6 +124,9 @@ class Snapshot:
     authorization: PolicySet = field(default_factory=PolicySet)
     # Istio RequestAuthentications, compiled (mixerhub.security.authentication).
     authenticator: Authenticator = field(default_factory=_no_authentication)
+    # Istio PeerAuthentications: each inbound port's mTLS mode
+    # (mixerhub.security.peer_authentication).
+    peer_authentication: PeerAuthentications = field(default_factory=_no_peer_authentication)
     # envoyproxy/ratelimit RateLimitConfigs, compiled (mixerhub.ratelimit.config).
     rate_limits: RateLimits = field(default_factory=RateLimits)
     # Istio QuotaSpecs and their bindings: what each quota is charged (mixerhub.quota_specs).

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from mixerhub.networking.virtual_service import VirtualService
     from mixerhub.networking.workload_entry import WorkloadEntry
     from mixerhub.security.authentication import RequestAuthenticationPolicy
+    from mixerhub.security.peer_authentication import PeerAuthenticationPolicy
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -75,6 +76,7 @@ class Compilation:
     broken: dict[str, dict[Ref, Document]] = field(default_factory=dict)
     authorization: list[CompiledPolicy] = field(default_factory=list)
     request_authentications: list[RequestAuthenticationPolicy] = field(default_factory=list)
+    peer_authentications: list[PeerAuthenticationPolicy] = field(default_factory=list)
     # RateLimitConfigs by domain (mixerhub.ratelimit.config).
     rate_limits: dict[str, Domain] = field(default_factory=dict)
     # QuotaSpecs and QuotaSpecBindings (mixerhub.quota_specs).

@@ -27,7 +27,7 @@ from mixerhub.quota_specs import QUOTA_SPEC, QUOTA_SPEC_BINDING
 from mixerhub.ratelimit import config as ratelimit_config
 from mixerhub.ratelimit.matching import RateLimits
 from mixerhub.registry import Registry
-from mixerhub.security import authentication, authorization
+from mixerhub.security import authentication, authorization, peer_authentication
 from mixerhub.security.enforcement import PolicySet
 from mixerhub.snapshot import BuiltHandler, CompiledRule, Snapshot
 from mixerhub.store import documents, mixer_kinds
@@ -42,6 +42,7 @@ KINDS = kind_table(
         *mixer_kinds.KINDS,
         authorization.AUTHORIZATION_POLICY,
         authentication.REQUEST_AUTHENTICATION,
+        peer_authentication.PEER_AUTHENTICATION,
         ratelimit_config.RATE_LIMIT_CONFIG,
         QUOTA_SPEC,
         QUOTA_SPEC_BINDING,
@@ -133,6 +134,7 @@ def compile_snapshot(
         referenced=referenced,
         authorization=PolicySet(c.authorization),
         authenticator=authentication.Authenticator(c.request_authentications),
+        peer_authentication=peer_authentication.PeerAuthentications(c.peer_authentications),
         rate_limits=RateLimits(dict(c.rate_limits)),
         quota_charges=c.quota_charges,
         networking=Networking.build(

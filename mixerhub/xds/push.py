@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 from prometheus_client import Counter
 
@@ -23,7 +24,8 @@ from mixerhub.monitoring import REGISTRY
 from mixerhub.snapshot import Snapshot
 from mixerhub.xds.cache import CacheHooks, InconsistentSnapshot, SnapshotCache, XdsSnapshot
 from mixerhub.xds.proxy import Proxy
-from mixerhub.xds.resources import Resources
+from mixerhub.xds.resources import SECRET, Resources
+from mixerhub.xds.secrets import SecretIssuer, WorkloadSecrets
 
 log = logging.getLogger("mixerhub.xds")
 
@@ -43,6 +45,15 @@ def identity(proxy: Proxy) -> Hashable:
             proxy.service_account)  # fmt: skip
 
 
+@dataclass
+class _Workload:
+    """One workload's share of a push: its translation, its secrets, the snapshot of both."""
+
+    resources: Resources | None  # None: the translation failed
+    secrets: WorkloadSecrets | None = None
+    snapshot: XdsSnapshot | None = None
+
+
 class Pusher(CacheHooks):
     def __init__(
         self,
@@ -51,15 +62,20 @@ class Pusher(CacheHooks):
         *,
         quiet: float = 0.1,
         max_delay: float = 10.0,
+        secrets: SecretIssuer | None = None,
     ) -> None:
         self.cache = cache
         self.translate = translate
         self.quiet, self.max_delay = quiet, max_delay
+        # Without a CA the hub serves no secrets (clusters asking for ISTIO_MUTUAL then wait).
+        self.secrets = secrets
+        if secrets is not None:
+            secrets.on_renewal = self.push_all
         self._config: Snapshot | None = None
-        # The current configuration's translations by identity: proxies of one workload share
+        # The current configuration's workloads by identity: proxies of one workload share
         # one XdsSnapshot, whether they connected before the push or after it.
-        self._translated: dict[Hashable, XdsSnapshot | None] = {}
-        self._translated_from: Snapshot | None = None
+        self._workloads: dict[Hashable, _Workload] = {}
+        self._workloads_from: Snapshot | None = None
         self._pending_since: float | None = None
         self._last_change = 0.0
         self._debounce: asyncio.Task[None] | None = None
@@ -77,7 +93,7 @@ class Pusher(CacheHooks):
     # The cache's stream hooks.
     def on_stream_open(self, proxy: Proxy) -> None:
         if self._config is not None:
-            self._push(self._translations(self._config), proxy, self._config)
+            self._push(self._current(self._config), proxy, self._config)
 
     def on_stream_closed(self, proxy: Proxy) -> None:
         if proxy.node_id not in self.cache.proxies():  # its last stream: forget the node
@@ -95,42 +111,53 @@ class Pusher(CacheHooks):
         self.push_all()
 
     def push_all(self) -> None:
-        """Every connected proxy's snapshot from the current configuration."""
+        """Every connected proxy's snapshot from the current configuration and certificates."""
         config = self._config
         if config is None:
             return
         started = time.perf_counter()
-        translated = self._translations(config)
+        workloads = self._current(config)
         proxies = self.cache.proxies()
         for proxy in proxies.values():
-            self._push(translated, proxy, config)
+            self._push(workloads, proxy, config)
+        if self.secrets is not None:
+            self.secrets.forget({identity(p) for p in proxies.values()})
         log.debug(
-            "pushed config %s to %d proxies (%d identities) in %.1f ms",
-            config.version, len(proxies), len(translated),
+            "pushed config %s to %d proxies (%d workloads) in %.1f ms",
+            config.version, len(proxies), len(workloads),
             (time.perf_counter() - started) * 1000,
         )  # fmt: skip
 
-    def _translations(self, config: Snapshot) -> dict[Hashable, XdsSnapshot | None]:
-        if self._translated_from is not config:
-            self._translated, self._translated_from = {}, config
-        return self._translated
+    def _current(self, config: Snapshot) -> dict[Hashable, _Workload]:
+        if self._workloads_from is not config:
+            self._workloads, self._workloads_from = {}, config
+        return self._workloads
 
-    def _push(
-        self, translated: dict[Hashable, XdsSnapshot | None], proxy: Proxy, config: Snapshot
-    ) -> None:
+    def _push(self, workloads: dict[Hashable, _Workload], proxy: Proxy, config: Snapshot) -> None:
         key = identity(proxy)
-        if key not in translated:
-            translated[key] = self._translate(proxy, config)
-        snapshot = translated[key]
-        if snapshot is not None:
-            self.cache.set_snapshot(proxy.node_id, snapshot)
+        workload = workloads.get(key)
+        if workload is None:
+            workload = workloads[key] = _Workload(self._translate(proxy, config))
+        if workload.resources is None:
+            return  # the proxy keeps what it had
+        secrets = self.secrets.secrets(key, proxy) if self.secrets is not None else None
+        if workload.snapshot is None or workload.secrets is not secrets:
+            resources = dict(workload.resources)
+            if secrets is not None:
+                resources[SECRET] = secrets.resources
+            try:
+                workload.snapshot = XdsSnapshot.from_resources(resources)
+            except InconsistentSnapshot as e:
+                TRANSLATION_ERRORS.labels("inconsistent").inc()
+                log.error("%s: not pushed, the snapshot is inconsistent: %s", proxy.node_id, e)
+                workload.resources = None
+                return
+            workload.secrets = secrets
+        self.cache.set_snapshot(proxy.node_id, workload.snapshot)
 
-    def _translate(self, proxy: Proxy, config: Snapshot) -> XdsSnapshot | None:
+    def _translate(self, proxy: Proxy, config: Snapshot) -> Resources | None:
         try:
-            return XdsSnapshot.from_resources(self.translate(proxy, config))
-        except InconsistentSnapshot as e:
-            TRANSLATION_ERRORS.labels("inconsistent").inc()
-            log.error("%s: not pushed, the snapshot is inconsistent: %s", proxy.node_id, e)
+            return self.translate(proxy, config)
         except Exception:  # a translation bug must not stop the other proxies' pushes
             TRANSLATION_ERRORS.labels("error").inc()
             log.exception("%s: translating its configuration failed", proxy.node_id)
@@ -139,3 +166,5 @@ class Pusher(CacheHooks):
     async def close(self) -> None:
         if self._debounce is not None:
             self._debounce.cancel()
+        if self.secrets is not None:
+            self.secrets.close()

@@ -19,6 +19,8 @@ share one host.
   has the same name, DNS ones inline endpoints.
 - Routes (mixerhub.xds.translate.routes) come from VirtualServices; a service without one gets
   a default route to its cluster.
+- Inbound listeners accept mTLS, plaintext or both as the port's PeerAuthentication says
+  (mixerhub.security.peer_authentication; mixerhub.xds.translate.listeners).
 - The hub's filters (mixerhub.hub_filters) are on the inbound listeners when they have work
   there (mixerhub.xds.translate.hub); outbound listeners carry only the access log, as the
   source reporter.
@@ -72,8 +74,14 @@ def reachable(networking: Networking, proxy: Proxy, sidecar: Sidecar | None) -> 
     return [s for s in services if _in_hosts(s, hosts)]
 
 
-def translate_data(proxy: Proxy, snapshot: Snapshot) -> dict[str, dict[str, dict[str, Any]]]:
-    """The proxy's resources as protobuf JSON, by type URL and name (for tests and debugging)."""
+def translate_data(
+    proxy: Proxy, snapshot: Snapshot, *, certificates: bool = False
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """The proxy's resources as protobuf JSON, by type URL and name (for tests and debugging).
+
+    ``certificates``: whether the hub serves the proxy its SDS secrets (it has a CA). Without
+    them a PERMISSIVE port is plaintext only, since a TLS chain waiting for secrets would hold
+    the listener warming; a STRICT one keeps its mTLS chain and refuses every connection."""
     networking = snapshot.networking
     sidecar = networking.sidecar(proxy.namespace, proxy.labels)
     services = reachable(networking, proxy, sidecar)
@@ -87,7 +95,10 @@ def translate_data(proxy: Proxy, snapshot: Snapshot) -> dict[str, dict[str, dict
     route_builder = RouteBuilder(proxy, networking)
     for ingress in sidecar.ingress if sidecar else ():
         cluster = clusters.inbound(ingress)
-        listener = inbound_listener(proxy, ingress, cluster, calls)
+        mode = snapshot.peer_authentication.mode(proxy.namespace, proxy.labels, ingress.port.number)
+        if mode == "PERMISSIVE" and not certificates:
+            mode = "DISABLE"
+        listener = inbound_listener(proxy, ingress, cluster, calls, mode)
         listeners[listener["name"]] = listener
     for egress in sidecar.egress if sidecar else ():
         if egress.port is None:
@@ -112,9 +123,10 @@ def translate_data(proxy: Proxy, snapshot: Snapshot) -> dict[str, dict[str, dict
     }
 
 
-def translate(proxy: Proxy, snapshot: Snapshot) -> Resources:
+def translate(proxy: Proxy, snapshot: Snapshot, *, certificates: bool = False) -> Resources:
     """The proxy's listeners, routes, clusters and endpoints as xds-protos messages."""
     out: dict[str, dict[str, Message]] = {}
-    for type_url, resources in translate_data(proxy, snapshot).items():
+    data = translate_data(proxy, snapshot, certificates=certificates)
+    for type_url, resources in data.items():
         out[type_url] = {name: to_message(type_url, data) for name, data in resources.items()}
     return out
