@@ -38,6 +38,7 @@ LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 STREAMS_PER_CHANNEL = 50
 
 
@@ -113,9 +114,11 @@ class Client:
         if names and self.subscribed.get(type_url) != names:
             self.request(type_url, names)
 
-    async def run(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
+    async def run(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub, sds: bool) -> None:
         self.request(CLUSTER)
         self.request(LISTENER)
+        if sds:  # what an Envoy with mTLS asks for: its certificate and the trust bundle
+            self.request(SECRET, ("ROOTCA", "default"))
         async for response in stub.StreamAggregatedResources(self.requests()):
             self.on_response(response)
 
@@ -128,11 +131,14 @@ async def main(args: argparse.Namespace) -> None:
     ]
     tasks = [
         asyncio.create_task(
-            c.run(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channels[n // STREAMS_PER_CHANNEL]))
+            c.run(
+                ads_pb2_grpc.AggregatedDiscoveryServiceStub(channels[n // STREAMS_PER_CHANNEL]),
+                args.sds,
+            )
         )
         for n, c in enumerate(clients)
     ]
-    wanted = {CLUSTER, LISTENER}
+    wanted = {CLUSTER, LISTENER, *((SECRET,) if args.sds else ())}
     while not all(wanted <= c.acked for c in clients):
         for t in tasks:
             if t.done():
@@ -181,4 +187,5 @@ if __name__ == "__main__":
     parser.add_argument("--namespace", default="bench")
     parser.add_argument("--workloads", type=int, default=10)
     parser.add_argument("--quiet", type=float, default=1.5)
+    parser.add_argument("--sds", action="store_true", help="also subscribe to default and ROOTCA")
     uvloop.run(main(parser.parse_args()))

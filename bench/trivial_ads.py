@@ -3,8 +3,8 @@
 It serves every stream the same resources (read once from a JSON file shaped like the hub's
 /debug/config_dump: {"resources": {type_url: [resource as JSON with "@type"]}}), serialized once,
 answers requests whose nonce it has not seen yet for a type, and on SIGUSR1 bumps the version of
-the route configurations and pushes them to every stream: the floor for a "one change, every proxy
-ACKs" round.
+one type (``--push-type``, route configurations by default) and pushes it to every stream: the
+floor for a "one change, every proxy ACKs" round.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ def load(path: Path) -> dict[str, list[any_pb2.Any]]:
 
 
 class Server(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
-    def __init__(self, resources: dict[str, list[any_pb2.Any]]) -> None:
+    def __init__(self, resources: dict[str, list[any_pb2.Any]], push_type: str) -> None:
         self.resources = resources
+        self.push_type = push_type
         self.version = 1
         self.nonces = itertools.count()
         self.streams: set[asyncio.Queue[str]] = set()
@@ -60,7 +61,7 @@ class Server(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[m
     def push(self) -> None:
         self.version += 1
         for queue in self.streams:
-            queue.put_nowait(ROUTE)
+            queue.put_nowait(self.push_type)
 
     async def StreamAggregatedResources(
         self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], context: Any
@@ -85,9 +86,9 @@ class Server(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[m
             self.streams.discard(pushes)
 
 
-async def main(port: int, resources: Path) -> None:
+async def main(port: int, resources: Path, push_type: str) -> None:
     server = grpc.aio.server()
-    ads = Server(load(resources))
+    ads = Server(load(resources), push_type)
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -99,5 +100,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--resources", type=Path, required=True)
+    parser.add_argument("--push-type", default=ROUTE)
     args = parser.parse_args()
-    uvloop.run(main(args.port, args.resources))
+    uvloop.run(main(args.port, args.resources, args.push_type))

@@ -14,16 +14,12 @@ The hub polls its files every 50 ms here, so up to 50 ms of its time is the file
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +28,8 @@ from typing import Any
 sys.path.remove(str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness import ProcessGroup, free_port, process_group, start_hub, tcp_probe
+from bench.ads_rounds import baseline_resources, round_trip, start_baseline
+from tests.harness import free_port, process_group, start_hub
 
 SERVICES = 20
 HERE = Path(__file__).resolve().parent
@@ -100,75 +97,6 @@ def virtual_service(i: int, v1_weight: int) -> str:
     )
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-class Clients:
-    """bench/ads_clients.py, connected and ready."""
-
-    def __init__(self, target: str, n: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "ads_clients.py"), "--target", target, "--clients", str(n)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("ready"):
-            self.close()
-            raise RuntimeError(f"clients did not get ready: {line!r}")
-
-    def measure(self, t0: float) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
-        self.proc.stdin.write(f"measure {t0}\n")
-        self.proc.stdin.flush()
-        result: dict[str, Any] = json.loads(self.proc.stdout.readline())
-        return result
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def round_trip(pid: int, target: str, n: int, change: Any) -> dict[str, Any]:
-    rss_before = rss_bytes(pid)
-    clients = Clients(target, n)
-    try:
-        rss_after = rss_bytes(pid)
-        cpu = cpu_seconds(pid)
-        t0 = time.time()
-        change()
-        result = clients.measure(t0)
-        result["cpu"] = cpu_seconds(pid) - cpu
-        result["memory_per_proxy"] = (rss_after - rss_before) / n
-    finally:
-        clients.close()
-    return result
-
-
-def config_dump(http_port: int, node_id: str) -> dict[str, Any]:
-    query = urllib.parse.urlencode({"proxy": node_id})
-    url = f"http://127.0.0.1:{http_port}/debug/config_dump?{query}"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        dump: dict[str, Any] = json.load(response)
-    return dump
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
@@ -195,7 +123,7 @@ def main() -> None:
         (config / "svc-0.yaml").write_text(virtual_service(0, 90))
         time.sleep(0.5)
 
-        dump = baseline_resources(hub.http_port, f"{hub.grpc_port}", Path(tmp))
+        dump = baseline_resources(hub.http_port, hub.grpc_port, Path(tmp))
         base_port = free_port()
         baseline = start_baseline(group, base_port, dump)
         for n in args.clients:
@@ -208,35 +136,6 @@ def main() -> None:
             )
             results[n] = (ours, base)
     report(results)
-
-
-def baseline_resources(http_port: int, grpc_port: str, tmp: Path) -> Path:
-    """What the hub sends one proxy, for the baseline to serve to all of them."""
-    clients = Clients(f"127.0.0.1:{grpc_port}", 1)
-    try:
-        node_id = "sidecar~127.0.0.1~client-0-0.bench~bench.svc.cluster.local"
-        dump = config_dump(http_port, node_id)
-    finally:
-        clients.close()
-    path = tmp / "resources.json"
-    path.write_text(json.dumps(dump))
-    return path
-
-
-def start_baseline(group: ProcessGroup, port: int, resources: Path) -> Any:
-    process = group.start(
-        "trivial-ads",
-        [
-            sys.executable,
-            str(HERE / "trivial_ads.py"),
-            "--port",
-            str(port),
-            "--resources",
-            str(resources),
-        ],
-    )
-    process.wait_ready(tcp_probe("127.0.0.1", port), 30)
-    return process
 
 
 def report(results: dict[int, tuple[dict[str, Any], dict[str, Any]]]) -> None:

@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from mixerhub import admin
 from mixerhub.access_log import AccessLogService
 from mixerhub.ca.authority import Authority, CAConfig
+from mixerhub.ca.rotation import watch_extra_roots
 from mixerhub.ca.service import CaServer, start_ca_server
 from mixerhub.ca.tokens import BootstrapTokens
 from mixerhub.ext_authz import AuthorizationService, FailurePolicy
@@ -139,6 +140,11 @@ class Hub:
                 else None
             )
             self.ca_server = await start_ca_server(self.authority, o.address, o.ca.port, tokens)
+        if self.authority is not None and o.ca is not None and o.ca.extra_roots_file is not None:
+            roots = watch_extra_roots(
+                self.authority, o.ca.extra_roots_file, o.poll_interval, self.pusher.push_all
+            )
+            self._tasks.add(asyncio.ensure_future(roots))
 
         self._http = web.AppRunner(
             admin.application(self.store, self.registry, self.xds), access_log=None
@@ -166,6 +172,8 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
         await self.pusher.close()
+        for task in self._tasks:
+            task.cancel()
         # ADS streams never end on their own: close them so the drain does not wait them out.
         self.ads.close()
         await self.grpc.stop(self.options.drain_seconds)

@@ -9,6 +9,7 @@ from the client's certificate, so the policy tells the two clients apart.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import json
@@ -18,6 +19,7 @@ import ssl
 import subprocess
 import textwrap
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import pytest
 
 from mixerhub.ca.authority import Authority, CAConfig
 from mixerhub.ca.identity import SpiffeId
+from mixerhub.xds.resources import SECRET
 from tests.harness import (
     LOOPBACK,
     Hub,
@@ -34,7 +37,7 @@ from tests.harness import (
     start_hub,
     start_upstream,
 )
-from tests.mesh import AdsEnvoy, node, start_ads_envoy, until
+from tests.mesh import AdsEnvoy, node, start_ads_envoy, sync_of, until
 
 RATINGS = "ratings.shop.svc"
 
@@ -247,3 +250,32 @@ def secret_serial(mesh: Mesh, node_id: str) -> str:
 def secret_not_after(mesh: Mesh, node_id: str) -> datetime.datetime:
     text = secrets(mesh, node_id)["default"]["NOT AFTER"]
     return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+
+
+def test_a_root_added_for_a_rotation_reaches_every_proxy_while_traffic_flows(
+    processes: ProcessGroup, tmp_path: Path
+) -> None:
+    extra = tmp_path / "extra-roots.pem"
+    extra.write_text("")
+    mesh = start_mesh(processes, tmp_path, "--ca-extra-roots", str(extra), "--poll-interval", "0.1")
+    ratings = mesh.envoys["ratings"].node_id
+    assert trusted_roots(mesh, ratings) == 1
+    extra.write_text(Authority.from_config(CAConfig(ca_dir=tmp_path / "next-ca")).root_cert_pem)
+    until(lambda: trusted_roots(mesh, ratings) == 2, what="the new root in ratings' ROOTCA")
+    until(lambda: sync_state(mesh, ratings, "SDS") == "SYNCED", what="ratings ACKs the new bundle")
+    assert mesh.call("productpage") == 200  # certificates from the old root still work
+    assert mesh.call("reviews") == 403
+
+
+def trusted_roots(mesh: Mesh, node_id: str) -> int:
+    url = f"http://{LOOPBACK}:{mesh.hub.http_port}/debug/config_dump?proxy={node_id}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        dump = json.load(response)
+    [root] = [s for s in dump["resources"][SECRET] if s["name"] == "ROOTCA"]
+    pem = base64.b64decode(root["validationContext"]["trustedCa"]["inlineBytes"])
+    return pem.count(b"BEGIN CERTIFICATE")
+
+
+def sync_state(mesh: Mesh, node_id: str, short: str) -> str:
+    row = sync_of(mesh.hub, node_id)
+    return "" if row is None else str(row["types"][short]["state"])

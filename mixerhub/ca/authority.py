@@ -154,7 +154,8 @@ class Authority:
                 data = config.extra_roots_file.read_text()
             except OSError as e:
                 raise ValueError(f"{config.extra_roots_file}: {e.strerror}") from None
-            authority.add_trusted_roots(data)
+            if data.strip():  # an empty file: no rotation under way
+                authority.add_trusted_roots(data)
         return authority
 
     # Trust
