@@ -221,6 +221,22 @@ async def test_one_evalsha_per_decision_whatever_the_descriptors(
     assert counter("mixerhub_ratelimit_redis_failures", "error") == before
 
 
+async def test_concurrent_decisions_share_round_trips_and_never_run_out_of_connections(
+    backend: RedisBackend, sync_redis: redis.Redis
+) -> None:
+    # More decisions at once than the pool has connections (256): pipelined, they all count.
+    charges = [[charge(f"burst{i % 40}", "fixed_window", 10_000)] for i in range(1000)]
+    before = counter("mixerhub_ratelimit_redis_failures", "error")
+    outcomes = await asyncio.gather(*(backend.take(c) for c in charges))
+    assert all(o[0].charged for o in outcomes)
+    assert counter("mixerhub_ratelimit_redis_failures", "error") == before
+    stats = sync_redis.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1000  # still one script per decision
+    assert int(sync_redis.info("clients")["connected_clients"]) < 20  # not one per decision
+    remaining = sorted({o[0].remaining for o in outcomes if o[0].remaining < 10_000 - 20})
+    assert remaining == list(range(10_000 - 25, 10_000 - 20))  # every charge landed, once
+
+
 async def test_keys_over_their_limit_are_answered_without_redis_until_their_reset(
     backend: RedisBackend, sync_redis: redis.Redis
 ) -> None:
