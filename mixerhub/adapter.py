@@ -11,7 +11,12 @@ template variety           handler method                                       
 report (metric, ...)       ``handle_<template>(instances: Sequence[Instance])``        ExportResult
 check (listentry, ...)     ``async handle_<template>(instance: Instance)``             CheckResult
 quota                      ``async handle_quota(instance: QuotaInstance, args)``       QuotaResult
+attribute generator        ``generate_<template>_attributes(instance: Instance)``      the output
 =========================  =========================================================  ===========
+
+An attribute generator (Mixer's APA, e.g. kubernetes) runs before check and report rules, on both
+paths, so its method is synchronous and must answer from memory (Mixer's
+GenerateKubernetesAttributes). The instance's ``attributeBindings`` bind the output into the bag.
 
 Request-time methods never raise into the dispatcher: they return a result and count their own
 failures (``Env.count_error``). Report methods get batches and must not block: an adapter that talks
@@ -24,7 +29,7 @@ import enum
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
@@ -119,14 +124,34 @@ class InstanceSpec:
         return tuple(k[len(prefix) :] for k in self.types if k.startswith(prefix))
 
 
+class Workload(Protocol):
+    """One workload the configuration declares (a WorkloadEntry), as an adapter may read it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def labels(self) -> Mapping[str, str]: ...
+    @property
+    def service_account(self) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Env:
-    """What the hub lends a handler: names, a logger, the /metrics registry, failure counters."""
+    """What the hub lends a handler: names, a logger, the /metrics registry, failure counters.
+
+    ``workloads`` are the configuration's WorkloadEntries, read-only; only an adapter that sets
+    ``AdapterInfo.reads_workloads`` gets them (its handler is then rebuilt when they change).
+    """
 
     adapter: str
     handler: str
     logger: logging.Logger
     registry: CollectorRegistry
+    workloads: tuple[Workload, ...] = ()
 
     def count_error(self, n: int = 1) -> None:
         """A request this handler failed: mixerhub_adapter_errors_total{adapter}."""
@@ -163,6 +188,8 @@ class AdapterInfo(Generic[P]):
     validate: Callable[[P, Mapping[str, InstanceSpec]], Iterable[FieldError]] = field(
         default=_no_errors
     )
+    # The handler reads Env.workloads: it is built again whenever the WorkloadEntries change.
+    reads_workloads: bool = False
 
     @property
     def default_params(self) -> dict[str, Any]:
@@ -171,6 +198,9 @@ class AdapterInfo(Generic[P]):
 
 
 def handler_method(template: str) -> str:
+    known = TEMPLATES.get(template)
+    if known is not None and known.variety is Variety.ATTRIBUTE_GENERATOR:
+        return f"generate_{template}_attributes"
     return f"handle_{template}"
 
 

@@ -207,6 +207,7 @@ def ads_bootstrap(options: AdsOptions) -> dict[str, Any]:
     limits, access logs), which the translated listeners name HUB_CLUSTER too. The node's
     metadata is how the hub knows which workload's configuration to send.
     """
+
     def ads() -> dict[str, Any]:  # one object per use: YAML would alias a shared one
         return {"ads": {}, "resource_api_version": "V3"}
 

@@ -9,21 +9,33 @@ every request, a rule in another namespace only to workloads of that namespace.
 For reports (access-log entries), every rule whose match holds builds its metric, logentry and
 tracespan instances; each handler then gets all the instances of a batch of entries in one call,
 never one call per entry.
+
+Before either, Mixer's preprocessing: rules whose actions use an attribute generator (the
+kubernetes template, with kubernetesenv) run first, and each instance's ``attributeBindings``
+bind the handler's output into the bag. Produced values only fill attributes the request did not
+carry (Mixer merged its preprocessing output under the request's own attributes). Only the
+bindings of attributes that the side's rules read are kept; with none, nothing runs.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from mixerhub import adapter
 from mixerhub.adapter import CheckResult, QuotaArgs, QuotaResult, handler_method
 from mixerhub.expression import EvaluationError
 from mixerhub.monitoring import ADAPTER_ERRORS
 from mixerhub.security import ROOT_NAMESPACE
-from mixerhub.snapshot import CompiledInstance, CompiledRule, HeaderOperation, Snapshot
+from mixerhub.snapshot import (
+    AttributeBinding,
+    CompiledInstance,
+    CompiledRule,
+    HeaderOperation,
+    Snapshot,
+)
 from mixerhub.templates import Variety
 from mixerhub.types import Bag
 
@@ -118,7 +130,12 @@ class CheckDispatcher:
         self.mesh_namespace = mesh_namespace
         routes = [r for r in (_route(rule) for rule in snapshot.rules) if r is not None]
         self._scoped = _Scoped(routes, mesh_namespace)
-        self.referenced = frozenset().union(*(r.rule.referenced for r in routes))
+        needed = frozenset().union(*(r.rule.referenced for r in routes))
+        self.preprocessor = Preprocessor.build(snapshot.rules, needed, mesh_namespace)
+        # The decision depends on the generators' inputs too (and the cache key with it).
+        if self.preprocessor is not None:
+            needed |= self.preprocessor.referenced
+        self.referenced = needed
         self.uses_quota = any(r.quotas for r in routes)
         self.empty = not routes
         # Quota instances a QuotaSpec names are charged only as the bound specs say.
@@ -130,6 +147,8 @@ class CheckDispatcher:
 
     async def check(self, bag: Bag, namespace: str, quota_args: QuotaArgs) -> CheckOutcome:
         outcome = CheckOutcome()
+        if self.preprocessor is not None:
+            self.preprocessor.generate(bag, namespace)
         routes = [r for r in self.routes_for(namespace) if _matches(r.rule, bag)]
         outcome.matched = [r.rule for r in routes]
         for route in routes:
@@ -196,7 +215,7 @@ def _route(rule: CompiledRule) -> CheckRoute | None:
             continue
         for instance in action.instances:
             variety = instance.template.variety
-            if variety is Variety.REPORT:
+            if variety is Variety.REPORT or variety is Variety.ATTRIBUTE_GENERATOR:
                 continue
             method = getattr(handler, handler_method(instance.template.name))
             call = Call(
@@ -280,6 +299,8 @@ class ReportDispatcher:
                 routes.append(ReportRoute(rule, tuple(calls)))
         self._scoped = _Scoped(routes, mesh_namespace)
         self.empty = not routes
+        needed = frozenset().union(*(r.rule.referenced for r in routes))
+        self.preprocessor = Preprocessor.build(snapshot.rules, needed, mesh_namespace)
 
     def routes_for(self, namespace: str) -> tuple[ReportRoute, ...]:
         return self._scoped.routes_for(namespace)
@@ -291,7 +312,10 @@ class ReportDispatcher:
         if not routes:
             return 0
         batches: dict[Any, tuple[Call, list[Any]]] = {}
+        preprocessor = self.preprocessor
         for bag in bags:
+            if preprocessor is not None:
+                preprocessor.generate(bag, namespace)
             for route in routes:
                 if not _matches(route.rule, bag):
                     continue
@@ -317,3 +341,138 @@ class ReportDispatcher:
                 ADAPTER_ERRORS.labels(call.adapter).inc()
                 log.exception("handler %s failed", call.handler)
         return dispatched
+
+
+# --- preprocessing: attribute generators ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One attribute generator instance of one action, with the bindings its side needs."""
+
+    rule: str
+    handler: str
+    adapter: str
+    method: Any  # the bound generate_<template>_attributes method
+    instance: CompiledInstance
+    bindings: tuple[AttributeBinding, ...]
+    # The output fields those bindings read, and the names the bindings read them by.
+    output_fields: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRoute:
+    rule: CompiledRule
+    generations: tuple[Generation, ...]
+
+
+class Preprocessor:
+    """The attribute generators of one side (check or report) of a snapshot."""
+
+    def __init__(self, routes: Sequence[GenerateRoute], mesh_namespace: str) -> None:
+        self._scoped = _Scoped(routes, mesh_namespace)
+        self.referenced: frozenset[str] = frozenset().union(*(r.rule.referenced for r in routes))
+
+    @classmethod
+    def build(
+        cls, rules: Iterable[CompiledRule], needed: frozenset[str], mesh_namespace: str
+    ) -> Preprocessor | None:
+        """The generators whose bindings produce attributes in ``needed`` (or feed another
+        generator that does); None when there are none, so a side without them pays nothing."""
+        candidates = [
+            (rule, action, instance)
+            for rule in rules
+            for action in rule.actions
+            if action.handler.handler is not None
+            for instance in action.instances
+            if instance.template.variety is Variety.ATTRIBUTE_GENERATOR and instance.bindings
+        ]
+        wanted = set(needed)
+        while True:  # a generator's inputs may be another's outputs
+            before = len(wanted)
+            for rule, _, instance in candidates:
+                if any(b.attribute in wanted for b in instance.bindings):
+                    wanted |= rule.referenced
+            if len(wanted) == before:
+                break
+        routes: list[GenerateRoute] = []
+        for rule in rules:
+            generations = []
+            for r, action, instance in candidates:
+                if r is not rule:
+                    continue
+                bindings = tuple(b for b in instance.bindings if b.attribute in wanted)
+                if not bindings:
+                    continue
+                generations.append(
+                    Generation(
+                        rule.name,
+                        action.handler.name,
+                        action.handler.adapter.name,
+                        getattr(action.handler.handler, handler_method(instance.template.name)),
+                        instance,
+                        bindings,
+                        tuple(
+                            (f, instance.template.output_prefix + f)
+                            for f in sorted(frozenset().union(*(b.output_fields for b in bindings)))
+                        ),
+                    )
+                )
+            if generations:
+                routes.append(GenerateRoute(rule, tuple(generations)))
+        return cls(routes, mesh_namespace) if routes else None
+
+    def generate(self, bag: Bag, namespace: str) -> None:
+        """Fill the bag with what the generators produce. Never raises: a generator that fails
+        leaves its attributes absent, and the rules' defaults apply, as in Mixer."""
+        # Both paths hand in bags that can take values: a LazyBag or an entry's plain dict.
+        target = cast(MutableMapping[str, Any], bag)
+        for route in self._scoped.routes_for(namespace):
+            if not _matches(route.rule, bag):
+                continue
+            for g in route.generations:
+                missing = [b for b in g.bindings if b.attribute not in target]
+                if not missing:
+                    continue  # the request carried them all: no lookup at all
+                try:
+                    output = g.method(g.instance.build(bag))
+                except EvaluationError as e:
+                    ADAPTER_ERRORS.labels(g.adapter).inc()
+                    log.debug("instance %s: %s", g.instance.name, e)
+                    continue
+                except Exception:  # an adapter that broke its word must not break the request
+                    ADAPTER_ERRORS.labels(g.adapter).inc()
+                    log.exception("handler %s failed", g.handler)
+                    continue
+                values: dict[str, Any] = {}
+                for name, bound_as in g.output_fields:
+                    value = getattr(output, name, None)
+                    # An unset field (zero value) is absent: the binding's `|` default applies.
+                    if value is not None and value != "" and value != {}:
+                        values[bound_as] = value
+                for b in missing:
+                    try:
+                        target[b.attribute] = b.evaluate(
+                            _Overlay(values, bag) if b.reads_request else values
+                        )
+                    except EvaluationError as e:
+                        log.debug("binding %s of %s: %s", b.attribute, g.instance.name, e)
+
+
+class _Overlay(dict[str, Any]):
+    """The output's fields, then the request's attributes: for a binding that reads both."""
+
+    __slots__ = ("_bag",)
+
+    def __init__(self, values: dict[str, Any], bag: Bag) -> None:
+        super().__init__(values)
+        self._bag = bag
+
+    def __missing__(self, name: str) -> Any:
+        return self._bag[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return default

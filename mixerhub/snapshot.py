@@ -30,6 +30,22 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, slots=True)
+class AttributeBinding:
+    """One of an attribute generator instance's ``attributeBindings``: an attribute and the
+    expression that computes it from the handler's output (``$out.<field>``).
+
+    ``evaluate`` reads a bag of the output's set fields, keyed ``template.output_prefix + field``;
+    with ``reads_request`` it falls back to the request's own attributes.
+    """
+
+    attribute: str
+    evaluate: Callable[[Bag], object]
+    source: str
+    output_fields: frozenset[str]  # the output fields it reads, without "$out."
+    reads_request: bool
+
+
+@dataclass(frozen=True, slots=True)
 class CompiledInstance:
     """An instance whose field expressions are compiled; ``build`` evaluates them against a bag.
 
@@ -42,6 +58,8 @@ class CompiledInstance:
     build: Callable[[Bag], Any]
     referenced: frozenset[str]
     expressions: Mapping[str, str]  # field path -> source, for /debug/configz
+    # Attribute generators only: what the handler's output produces.
+    bindings: tuple[AttributeBinding, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

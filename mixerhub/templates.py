@@ -28,6 +28,9 @@ class Variety(enum.Enum):
     CHECK = "check"  # on ext_authz Check; the handler answers allow or deny
     REPORT = "report"  # on access-log ingestion, in batches
     QUOTA = "quota"  # on Check, asking for an allocation
+    # Mixer's ATTRIBUTE_GENERATOR: run first, before check and report rules; the handler's output
+    # is bound back into the bag by the instance's attributeBindings (``$out.<field>``).
+    ATTRIBUTE_GENERATOR = "attribute_generator"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +148,51 @@ class ReportNothingInstance:
     name: str
 
 
+@dataclass(slots=True)
+class KubernetesInstance:
+    """What a kubernetesenv handler is asked about: the two ends of a request."""
+
+    name: str
+    source_uid: str = ""
+    source_ip: IPAddress | None = None
+    destination_uid: str = ""
+    destination_ip: IPAddress | None = None
+    destination_port: int = 0
+
+
+@dataclass(slots=True)
+class KubernetesOutput:
+    """The kubernetes template's OutputTemplate: what a handler found about each end.
+
+    A field left at its zero value was not found: it reads as absent through ``$out``, so the
+    binding's ``|`` default applies (Mixer's generated output tracked set fields the same way).
+    """
+
+    source_pod_ip: IPAddress | None = None
+    source_pod_name: str = ""
+    source_labels: dict[str, str] = field(default_factory=dict)
+    source_namespace: str = ""
+    source_service_account_name: str = ""
+    source_host_ip: IPAddress | None = None
+    source_workload_uid: str = ""
+    source_workload_name: str = ""
+    source_workload_namespace: str = ""
+    source_owner: str = ""
+    source_pod_uid: str = ""
+    destination_pod_ip: IPAddress | None = None
+    destination_pod_name: str = ""
+    destination_container_name: str = ""
+    destination_labels: dict[str, str] = field(default_factory=dict)
+    destination_namespace: str = ""
+    destination_service_account_name: str = ""
+    destination_host_ip: IPAddress | None = None
+    destination_workload_uid: str = ""
+    destination_workload_name: str = ""
+    destination_workload_namespace: str = ""
+    destination_owner: str = ""
+    destination_pod_uid: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class Template:
     name: str
@@ -154,6 +202,15 @@ class Template:
     instance: type[Any]
     # The field classes of message fields, by field name (authorization's subject and action).
     messages: Mapping[str, type[Any]] = field(default_factory=dict)
+    # Attribute generators only: the OutputTemplate's fields and class.
+    output: tuple[TemplateField, ...] = ()
+    output_class: type[Any] | None = None
+
+    @property
+    def output_prefix(self) -> str:
+        """How ``$out.`` is spelled once an attribute binding is compiled: Mixer rewrote it to
+        this name before compiling (mixer/template/template.gen.go), ``$`` being no identifier."""
+        return f"adapter_template_{self.name}.output."
 
     def field_named(self, name: str) -> TemplateField | None:
         for f in self.fields:
@@ -171,6 +228,25 @@ def _map(name: str) -> TemplateField:
 
 
 _S, _I, _B, _T = ValueType.STRING, ValueType.INT64, ValueType.BOOL, ValueType.TIMESTAMP
+_IP, _SM = ValueType.IP_ADDRESS, ValueType.STRING_MAP
+
+
+def _end_output(end: str) -> tuple[TemplateField, ...]:
+    """The output fields describing one end (source or destination) of a request."""
+    return (
+        _f(f"{end}_pod_ip", _IP),
+        _f(f"{end}_pod_name", _S),
+        _f(f"{end}_labels", _SM),
+        _f(f"{end}_namespace", _S),
+        _f(f"{end}_service_account_name", _S),
+        _f(f"{end}_host_ip", _IP),
+        _f(f"{end}_workload_uid", _S),
+        _f(f"{end}_workload_name", _S),
+        _f(f"{end}_workload_namespace", _S),
+        _f(f"{end}_owner", _S),
+        _f(f"{end}_pod_uid", _S),
+    )
+
 
 TEMPLATES: Mapping[str, Template] = {
     t.name: t
@@ -289,6 +365,25 @@ TEMPLATES: Mapping[str, Template] = {
             "No data: for handlers that only count reports.",
             (),
             ReportNothingInstance,
+        ),
+        Template(
+            "kubernetes",
+            Variety.ATTRIBUTE_GENERATOR,
+            "The pods at both ends of a request, looked up by uid or IP.",
+            (
+                _f("source_uid", _S),
+                _f("source_ip", _IP),
+                _f("destination_uid", _S),
+                _f("destination_ip", _IP),
+                _f("destination_port", _I),
+            ),
+            KubernetesInstance,
+            output=(
+                *_end_output("source"),
+                *_end_output("destination"),
+                _f("destination_container_name", _S),
+            ),
+            output_class=KubernetesOutput,
         ),
     )
 }

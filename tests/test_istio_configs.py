@@ -1,10 +1,9 @@
 """Istio 1.4's own Mixer configuration (tests/data/istio-1.4) loads unchanged.
 
-Some documents need adapters or templates that arrive with later work (kubernetesenv with
-telemetry). Each such error is listed here, exactly, so this test
-fails both when something else breaks and when one of them starts to load: then it comes off
-this list. A reference to a resource that failed is not reported again, so only the root causes
-are listed.
+Some documents need what this project leaves out (out-of-process adapters). Each such error is
+listed here, exactly, so this test fails both when something else breaks and when one of them
+starts to load: then it comes off this list. A reference to a resource that failed is not
+reported again, so only the root causes are listed.
 """
 
 from __future__ import annotations
@@ -24,9 +23,6 @@ FIXTURES = sorted(p.relative_to(DATA).as_posix() for p in DATA.rglob("*.yaml"))
 _ADAPTER = "spec.compiledAdapter", "unknown adapter"
 _TEMPLATE = "spec.compiledTemplate", "unknown template"
 NOT_YET = {
-    # telemetry issue: kubernetesenv and its attribute-producing template
-    ("telemetry.yaml", "handler/kubernetesenv", *_ADAPTER),
-    ("telemetry.yaml", "instance/attributes", "spec.attributeBindings", "attribute-producing"),
     # never: out-of-process adapters (Mixer's gRPC adapters) are out of this project's scope
     (
         "policy/prometheus-oop-rule.yaml",

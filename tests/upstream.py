@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 (the default): any free port")
     parser.add_argument("--port-file", help="where to write the port once listening")
-    parser.add_argument("--name", default="", help="put in every body as \"server\"")
+    parser.add_argument("--name", default="", help='put in every body as "server"')
     parser.add_argument("--fail-every", type=int, default=0, help="answer every Nth with 503")
     args = parser.parse_args(argv)
     EchoHandler.name, EchoHandler.fail_every = args.name, args.fail_every

@@ -22,7 +22,7 @@ from mixerhub.networking.registry import Networking
 from mixerhub.networking.service_entry import SERVICE_ENTRY
 from mixerhub.networking.sidecar import SIDECAR
 from mixerhub.networking.virtual_service import VIRTUAL_SERVICE
-from mixerhub.networking.workload_entry import WORKLOAD_ENTRY
+from mixerhub.networking.workload_entry import WORKLOAD_ENTRY, WorkloadEntry
 from mixerhub.quota_specs import QUOTA_SPEC, QUOTA_SPEC_BINDING
 from mixerhub.ratelimit import config as ratelimit_config
 from mixerhub.ratelimit.matching import RateLimits
@@ -196,13 +196,18 @@ def _build_handlers(c: Compilation) -> tuple[dict[Ref, BuiltHandler], list[Handl
         if routed is None or not c.build_handlers or c.errors:
             built[ref] = BuiltHandler(decl.display, info, params, None, "")
             continue
-        signature = _signature(info, params, routed)
+        workloads = tuple(c.workload_entries) if info.reads_workloads else ()
+        signature = _signature(info, params, routed, workloads)
         old = previous.get(decl.display)
         if old is not None and old.signature == signature and old.handler is not None:
             built[ref] = old
             continue
         env = Env(
-            info.name, decl.display, logging.getLogger(f"mixerhub.adapter.{info.name}"), REGISTRY
+            info.name,
+            decl.display,
+            logging.getLogger(f"mixerhub.adapter.{info.name}"),
+            REGISTRY,
+            workloads,
         )
         try:
             handler = info.build(params, routed, env)
@@ -220,8 +225,13 @@ def _build_handlers(c: Compilation) -> tuple[dict[Ref, BuiltHandler], list[Handl
     return built, fresh
 
 
-def _signature(info: AdapterInfo[Any], params: Any, instances: Mapping[str, InstanceSpec]) -> str:
-    data = {
+def _signature(
+    info: AdapterInfo[Any],
+    params: Any,
+    instances: Mapping[str, InstanceSpec],
+    workloads: tuple[WorkloadEntry, ...] = (),
+) -> str:
+    data: dict[str, Any] = {
         "adapter": info.name,
         "params": dump(params),
         "instances": {
@@ -229,4 +239,6 @@ def _signature(info: AdapterInfo[Any], params: Any, instances: Mapping[str, Inst
             for name, spec in sorted(instances.items())
         },
     }
+    if workloads:
+        data["workloads"] = [repr(w) for w in workloads]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

@@ -7,6 +7,7 @@ policy/v1beta1 (cfg.proto, value_type.proto); older per-adapter and per-template
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from mixerhub.adapter import InstanceSpec
 from mixerhub.attributes import ValueType
 from mixerhub.expression import Expression, ExpressionError, compile_expression
 from mixerhub.snapshot import (
+    AttributeBinding,
     BuiltHandler,
     CompiledAction,
     CompiledInstance,
@@ -27,7 +29,7 @@ from mixerhub.store.compilation import Compilation, HandlerDeclaration, Ref, res
 from mixerhub.store.documents import Document
 from mixerhub.store.errors import join_path
 from mixerhub.store.kinds import Kind
-from mixerhub.templates import TEMPLATES, TemplateField, snake_case
+from mixerhub.templates import TEMPLATES, Template, TemplateField, Variety, snake_case
 from mixerhub.types import Bag, ExpressionText, Params, expression_text
 
 GROUP = "config.istio.io"
@@ -121,12 +123,6 @@ def compile_instance(doc: Document, spec: InstanceDocSpec, c: Compilation) -> No
             "spec.template",
             "out-of-process templates are not supported; use compiledTemplate",
         )
-    elif spec.attribute_bindings is not None:
-        problem = (
-            "spec.attributeBindings",
-            "attribute-producing templates are not supported: the hub derives workload"
-            " attributes from Envoy's node metadata itself",
-        )
     elif template is None:
         known = ", ".join(TEMPLATES)
         problem = (
@@ -137,6 +133,15 @@ def compile_instance(doc: Document, spec: InstanceDocSpec, c: Compilation) -> No
                 else "required field is missing"
             ),
         )
+    elif spec.attribute_bindings and template.variety is not Variety.ATTRIBUTE_GENERATOR:
+        generators = ", ".join(
+            t.name for t in TEMPLATES.values() if t.variety is Variety.ATTRIBUTE_GENERATOR
+        )
+        problem = (
+            "spec.attributeBindings",
+            f"template {template.name!r} produces no attributes; only attribute-generating"
+            f" templates do ({generators})",
+        )
     if problem is not None or template is None:
         c.error(doc, *(problem or ("spec.compiledTemplate", "required field is missing")))
         c.mark_broken("instance", doc)
@@ -144,10 +149,15 @@ def compile_instance(doc: Document, spec: InstanceDocSpec, c: Compilation) -> No
     if not c.claim("instance", doc):
         return
     full_name = f"{doc.name}.{doc.kind}.{doc.namespace}"
-    fields = _FieldCompiler(doc, c)
+    generator = template.variety is Variety.ATTRIBUTE_GENERATOR
+    # A generator's inputs are read before its outputs fill the bag: an input such as
+    # `source.uid | ""` must not be kept in an entry's memo, where a later instance reading
+    # the same expression would see the value from before the bag was filled.
+    fields = _FieldCompiler(doc, c, memo=not generator)
     build = fields.message(
         template.fields, template.instance, spec.params or {}, ("spec", "params")
     )
+    bindings = _bindings(doc, template, spec.attribute_bindings or {}, fields)
     if fields.failed:
         c.mark_broken("instance", doc)
         return
@@ -162,14 +172,63 @@ def compile_instance(doc: Document, spec: InstanceDocSpec, c: Compilation) -> No
         build_instance,
         frozenset(fields.referenced),
         fields.sources,
+        bindings,
     )
+
+
+# `$out.<field>` names a field of an attribute generator's output. `$` is no Go identifier, so
+# outside string literals it is spelled as the template's output prefix before compiling.
+OUT = "$out."
+_OUT_TOKEN = re.compile(r"""("(?:[^"\\\n]|\\.)*"|`[^`]*`|'(?:[^'\\\n]|\\.)*')|\$out\.""")
+
+
+def _spell_out(source: str, prefix: str) -> str:
+    return _OUT_TOKEN.sub(lambda m: m.group(1) or prefix, source)
+
+
+def _bindings(
+    doc: Document,
+    template: Template,
+    bindings: Mapping[str, Any],
+    fields: _FieldCompiler,
+) -> tuple[AttributeBinding, ...]:
+    """Compile ``attributeBindings``: attribute name -> expression over ``$out.<field>``, typed by
+    the template's OutputTemplate and checked against the attribute's manifest type."""
+    c = fields.c
+    prefix = template.output_prefix
+    scope = dict(c.attributes)
+    scope.update({prefix + f.name: f.type for f in template.output})
+    out: list[AttributeBinding] = []
+    for attribute, text in bindings.items():
+        path = join_path("spec", "attributeBindings", str(attribute))
+        declared = c.attributes.get(str(attribute))
+        source = _expression_text(text)
+        if declared is None:
+            fields._fail(path, f"unknown attribute {attribute!r}: no manifest declares it")
+            continue
+        if source is None:
+            fields._fail(path, f"must be an expression (a string), not {type(text).__name__}")
+            continue
+        try:
+            expr = compile_expression(_spell_out(source, prefix), scope, declared)
+        except ExpressionError as e:
+            fields._fail(path, f"{str(e).replace(prefix, OUT)} in {source!r}")
+            continue
+        output_fields = frozenset(n[len(prefix) :] for n in expr.referenced if n.startswith(prefix))
+        request = frozenset(n for n in expr.referenced if not n.startswith(prefix))
+        fields.referenced |= request
+        out.append(
+            AttributeBinding(str(attribute), expr.evaluate, source, output_fields, bool(request))
+        )
+    return tuple(out)
 
 
 class _FieldCompiler:
     """Compiles an instance's params, one expression per template field, into a builder."""
 
-    def __init__(self, doc: Document, c: Compilation) -> None:
+    def __init__(self, doc: Document, c: Compilation, memo: bool = True) -> None:
         self.doc, self.c = doc, c
+        self.memo = memo
         self.failed = False
         self.types: dict[str, ValueType] = {}
         self.sources: dict[str, str] = {}
@@ -220,7 +279,9 @@ class _FieldCompiler:
                 ev = self.expression(value, f.type, field_path, name, f.also)
                 if ev is not None:
                     scalars.append((f.name, ev))
-        return _builder(cls, tuple(scalars), tuple(maps), tuple(messages), named=not prefix)
+        return _builder(
+            cls, tuple(scalars), tuple(maps), tuple(messages), named=not prefix, memoize=self.memo
+        )
 
     def expression(
         self,
@@ -285,9 +346,10 @@ def _builder(
     maps: tuple[tuple[str, tuple[tuple[str, Callable[[Bag], object]], ...]], ...],
     messages: tuple[tuple[str, Callable[[Bag, str], Any]], ...],
     named: bool,
+    memoize: bool = True,
 ) -> Callable[[Bag, str], Any]:
     def build(bag: Bag, name: str) -> Any:
-        if type(bag) is not dict:  # a self-filling bag or a read-only mapping: no memo
+        if not memoize or type(bag) is not dict:  # a self-filling bag or a read-only mapping
             values: dict[str, Any] = {f: ev(bag) for f, ev in scalars}
             for f, entries in maps:
                 values[f] = {k: ev(bag) for k, ev in entries}

@@ -57,4 +57,5 @@ def to_message(type_url: str, data: dict[str, Any]) -> Message:
 @functools.lru_cache(maxsize=20_000)
 def _wire(type_url: str, text: str) -> bytes:
     message = json_format.ParseDict(json.loads(text), _MESSAGES[type_url]())
-    return message.SerializeToString(deterministic=True)
+    wire: bytes = message.SerializeToString(deterministic=True)
+    return wire
