@@ -109,7 +109,9 @@ class Hub:
             functools.partial(translate, certificates=self.authority is not None),
             quiet=options.push_debounce,
             max_delay=options.push_max_delay,
-            secrets=None if self.authority is None else SecretIssuer(self.authority),
+            secrets=None
+            if self.authority is None or options.ca is None
+            else SecretIssuer(self.authority, key_type=options.ca.workload_key_type),
         )
         self.xds.hooks = self.pusher
         self.ads = AggregatedDiscoveryService(self.xds)

@@ -3,6 +3,7 @@ and how `mixerhub proxy-config secret` and /debug/config_dump show them."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import datetime
@@ -111,3 +112,24 @@ async def test_proxy_config_shows_them_and_the_dump_never_holds_the_key(tmp_path
     assert proxy_config.secret_rows(dump, "STALE", later)[0][2:4] == ("WARMING", "false")
     table = proxy_config.render(list(rows.values())).splitlines()
     assert table[0].split("  ")[0] == "RESOURCE NAME"
+
+
+async def test_rsa_on_request(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from mixerhub.ca import cli as ca_cli
+    from mixerhub.ca.keys import KeyType
+
+    parser = argparse.ArgumentParser()
+    ca_cli.add_serve_arguments(parser)
+    args = parser.parse_args(["--ca-dir", str(tmp_path / "ca"), "--workload-key-type", "RSA"])
+    config = ca_cli.config_from_args(args)
+    assert config is not None
+    assert config.workload_key_type is KeyType.RSA_2048
+    issuer = SecretIssuer(Authority.from_config(config), key_type=config.workload_key_type)
+    secrets = issuer.secrets("web", Proxy("web-1", namespace="shop", service_account="web"))
+    assert secrets is not None
+    key = leaf(secrets.resources["default"]).public_key()
+    assert isinstance(key, rsa.RSAPublicKey)
+    assert key.key_size == 2048
+    issuer.close()

@@ -70,6 +70,8 @@ class CAConfig:
     # The CreateCertificate server (start_ca_server); port 0 means no server.
     port: int = DEFAULT_CA_PORT
     tokens_file: Path | None = None
+    # The key SDS certificates are issued for (the CA makes it): ECDSA P-256 unless RSA is asked.
+    workload_key_type: KeyType = KeyType.ECDSA_P256
 
     def __post_init__(self) -> None:
         check_trust_domain(self.trust_domain)

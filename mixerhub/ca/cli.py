@@ -28,6 +28,7 @@ from mixerhub.ca.authority import (
 from mixerhub.ca.bundle import CaDirError
 from mixerhub.ca.csr import CsrError
 from mixerhub.ca.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId, check_trust_domain
+from mixerhub.ca.keys import KeyType
 from mixerhub.types import parse_duration
 
 
@@ -48,6 +49,13 @@ def _trust_domain(text: str) -> str:
     try:
         return check_trust_domain(text)
     except IdentityError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _key_type(text: str) -> KeyType:
+    try:
+        return KeyType.parse(text)
+    except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -107,6 +115,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="longest lifetime a CSR may ask for; longer requests are refused (default 2160h)",
     )
     group.add_argument(
+        "--workload-key-type",
+        type=_key_type,
+        default=KeyType.ECDSA_P256,
+        metavar="ECDSA|RSA",
+        help="the key of SDS certificates: ECDSA P-256 (default) or RSA 2048",
+    )
+    group.add_argument(
         "--ca-extra-roots",
         type=Path,
         metavar="FILE",
@@ -126,6 +141,7 @@ def config_from_args(args: argparse.Namespace) -> CAConfig | None:
         extra_roots_file=args.ca_extra_roots,
         port=args.ca_port,
         tokens_file=args.ca_tokens,
+        workload_key_type=args.workload_key_type,
     )
 
 
