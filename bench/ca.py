@@ -29,13 +29,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# Run as a script, bench/ is first on the import path, where xds.py would shadow xds-protos'
+# `xds` package: the repository root takes its place.
+sys.path[0:1] = [str(Path(__file__).resolve().parent.parent)]
+
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
-# bench/xds.py would shadow xds-protos' `xds` package: keep bench/ off the import path.
-sys.path.remove(str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.ads_rounds import SECRET, baseline_resources, round_trip, start_baseline
 from mixerhub.ca import Authority, CAConfig, KeyType, SpiffeId

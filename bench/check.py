@@ -23,10 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Run as a script, bench/ is first on the import path, where xds.py would shadow xds-protos'
+# `xds` package: the repository root takes its place.
+sys.path[0:1] = [str(Path(__file__).resolve().parent.parent)]
+
 import yaml
 from joserfc import jwk, jwt
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mixerhub.bootstrap import BootstrapOptions, Workload, static_bootstrap
 from tests.harness import (

@@ -19,8 +19,14 @@ import argparse
 import datetime
 import functools
 import ipaddress
+import sys
 import timeit
 from collections.abc import Callable
+from pathlib import Path
+
+# Run as a script, bench/ is first on the import path, where xds.py would shadow xds-protos'
+# `xds` package: the repository root takes its place.
+sys.path[0:1] = [str(Path(__file__).resolve().parent.parent)]
 
 from cel_expr_python import cel
 

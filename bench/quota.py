@@ -16,12 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
+# Run as a script, bench/ is first on the import path, where xds.py would shadow xds-protos'
+# `xds` package: the repository root takes its place.
+sys.path[0:1] = [str(Path(__file__).resolve().parent.parent)]
+
 import grpc
 import redis
 import uvloop
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.harness import free_port, process_group, start_hub, tcp_probe
 from tests.redis_server import start_redis

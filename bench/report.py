@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
+# Run as a script, bench/ is first on the import path, where xds.py would shadow xds-protos'
+# `xds` package: the repository root takes its place.
+sys.path[0:1] = [str(Path(__file__).resolve().parent.parent)]
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import yaml
 
 from bench.check import wrk
 from mixerhub.bootstrap import BootstrapOptions, static_bootstrap

@@ -4,6 +4,12 @@ more. What any Python access-log service costs at the least."""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+# Run as a script, bench/ is first on the import path, where xds.py would shadow xds-protos'
+# `xds` package: the repository root takes its place.
+sys.path[0:1] = [str(Path(__file__).resolve().parent.parent)]
 
 import grpc
 import uvloop

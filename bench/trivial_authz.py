@@ -6,6 +6,12 @@ What any Python ext_authz service costs at the least: gRPC, protobuf and uvloop,
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+# Run as a script, bench/ is first on the import path, where xds.py would shadow xds-protos'
+# `xds` package: the repository root takes its place.
+sys.path[0:1] = [str(Path(__file__).resolve().parent.parent)]
 
 import grpc
 import uvloop

@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-# This script shares its name with xds-protos' `xds` package: keep bench/ off the import path,
-# and the repository on it.
-sys.path.remove(str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Run as a script, bench/ is first on the import path, where xds.py would shadow xds-protos'
+# `xds` package: the repository root takes its place.
+sys.path[0:1] = [str(Path(__file__).resolve().parent.parent)]
 
 from bench.ads_rounds import baseline_resources, round_trip, start_baseline
 from tests.harness import free_port, process_group, start_hub
