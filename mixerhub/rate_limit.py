@@ -128,7 +128,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             if limit is None or (limit.name and limit.name in replaced):
                 continue
             label = _label(limit, entries[i])
-            TOTAL_HITS.labels(domain.name, label).inc(hits)
+            _child(TOTAL_HITS, domain.name, label).inc(hits)
             if limit.unlimited:
                 statuses[i].limit_remaining = _MAX_UINT32
                 continue
@@ -190,13 +190,29 @@ def _label(limit: Limit, entries: Sequence[tuple[str, str]]) -> str:
 
 def _count(domain: str, label: str, limit: Limit, hits: int, outcome: Outcome) -> None:
     if outcome.over_limit:
-        OVER_LIMIT.labels(domain, label).inc(hits)
+        _child(OVER_LIMIT, domain, label).inc(hits)
         if limit.shadow_mode:
-            SHADOW_MODE.labels(domain, label).inc(hits)
+            _child(SHADOW_MODE, domain, label).inc(hits)
     elif outcome.charged and (limit.requests_per_unit - outcome.remaining) * 5 >= (
         limit.requests_per_unit * 4
     ):
-        NEAR_LIMIT.labels(domain, label).inc(hits)
+        _child(NEAR_LIMIT, domain, label).inc(hits)
+
+
+# prometheus_client's labels() validates and locks on every call; a decision counts three or
+# four series, the same ones again and again. Bounded: detailed_metric labels carry values.
+_CHILDREN: dict[tuple[int, str, str], Counter] = {}
+_MAX_CHILDREN = 10_000
+
+
+def _child(metric: Counter, domain: str, label: str) -> Counter:
+    key = (id(metric), domain, label)
+    child = _CHILDREN.get(key)
+    if child is None:
+        if len(_CHILDREN) >= _MAX_CHILDREN:
+            _CHILDREN.clear()
+        child = _CHILDREN[key] = metric.labels(domain, label)
+    return child
 
 
 def _headers(

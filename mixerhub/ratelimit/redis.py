@@ -24,6 +24,7 @@ Redis again (redis-py's pool reconnects): a decision never waits for a dead serv
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -43,6 +44,7 @@ from redis.exceptions import NoScriptError
 
 from mixerhub.monitoring import REGISTRY
 from mixerhub.ratelimit.backend import Charge, Outcome
+from mixerhub.ratelimit.resp import RedisReplyError, ScriptConnection
 
 log = logging.getLogger("mixerhub.ratelimit.redis")
 
@@ -220,13 +222,19 @@ _ALGORITHMS = {"fixed_window": "f", "rolling_window": "r", "token_bucket": "t"}
 
 def redis_key(charge: Charge, prefix: str = "mixerhub:rl") -> str:
     """The key of a charge: the domain as a hash tag, then the algorithm, unit and entries."""
-    key: Hashable = charge.key
+    return _redis_key(charge.key, charge.algorithm, charge.unit_seconds, prefix)
+
+
+# Decisions repeat their descriptors (a workload, a client address...): the JSON of their
+# entries is made once per distinct key rather than once per decision.
+@functools.lru_cache(maxsize=65_536)
+def _redis_key(key: Hashable, algorithm: str, unit_seconds: int, prefix: str) -> str:
     domain, rest = "", key
     if isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], str):
         domain, rest = key
     entries = json.dumps(rest, separators=(",", ":"), ensure_ascii=False, default=str)
     # An empty tag would hash the whole key: "_" keeps an empty domain's keys in one slot.
-    return f"{prefix}:{{{domain or '_'}}}:{charge.algorithm}:{charge.unit_seconds}:{entries}"
+    return f"{prefix}:{{{domain or '_'}}}:{algorithm}:{unit_seconds}:{entries}"
 
 
 Client = aioredis.Redis | RedisCluster
@@ -415,6 +423,27 @@ class _Pipeline:
         return list(await pipe.execute(raise_on_error=False))
 
 
+def _script_connection(client: Client, timeout: float) -> ScriptConnection | None:
+    """A ScriptConnection to the same server as ``client``, when that is one server over plain
+    TCP (redis:// URLs); None otherwise."""
+    if not isinstance(client, aioredis.Redis):
+        return None
+    pool = client.connection_pool
+    # Sentinel-managed, TLS and unix-socket connections have classes of their own.
+    if pool.connection_class is not aioredis.Connection:
+        return None
+    kw = pool.connection_kwargs
+    return ScriptConnection(
+        kw.get("host", "localhost"),
+        int(kw.get("port", 6379)),
+        db=int(kw.get("db", 0) or 0),
+        username=kw.get("username"),
+        password=kw.get("password"),
+        connect_timeout=timeout,
+        on_connect=(("SCRIPT", "LOAD", SCRIPT),),
+    )
+
+
 class RedisBackend:
     """The Backend protocol over Redis: one EVALSHA per decision (pipelined with the decisions
     made at the same time), a local over-limit cache."""
@@ -439,9 +468,11 @@ class RedisBackend:
         self.backoff = backoff
         self.prefix = prefix
         self._clock = clock
+        # A single server over TCP: the script runs over a connection of our own (resp.py).
         # redis-py's cluster pipelines refuse EVALSHA: a Cluster gets one call per decision.
+        self._script = _script_connection(client, timeout)
         cluster = isinstance(client, RedisCluster)
-        self._pipeline = None if cluster else _Pipeline(client)
+        self._pipeline = None if cluster or self._script is not None else _Pipeline(client)
         self._loaded = False
         self._down_until = 0.0
         # Redis key -> monotonic time until which nothing fits (enforced keys only).
@@ -459,6 +490,8 @@ class RedisBackend:
         return cls(client, timeout=timeout, failure=failure, also_close=others)
 
     async def aclose(self) -> None:
+        if self._script is not None:
+            await self._script.aclose()
         await close(self.client, self._also_close)
 
     async def take(self, charges: Sequence[Charge]) -> Sequence[Outcome]:
@@ -508,6 +541,15 @@ class RedisBackend:
         return outcomes
 
     async def _run(self, keys: list[str], args: list[str | int]) -> list[Any]:
+        if self._script is not None:
+            try:
+                result = await self._script.call("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
+            except RedisReplyError as e:
+                if not str(e).startswith("NOSCRIPT"):
+                    raise
+                await self._script.call("SCRIPT", "LOAD", SCRIPT)
+                result = await self._script.call("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
+            return list(result)
         if self._pipeline is not None:
             return list(await self._pipeline.evalsha(keys, args))
         if not self._loaded:
