@@ -24,6 +24,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from google.protobuf import duration_pb2
 from prometheus_client import Counter
 
 from mixerhub.monitoring import REGISTRY
@@ -147,23 +148,33 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         over = False
         for (i, limit, label), outcome in zip(charged, outcomes, strict=True):
             _count(domain.name, label, limit, hits, outcome)
-            status = statuses[i]
-            status.current_limit.CopyFrom(
-                _Response.RateLimit(
-                    name=limit.name,
-                    requests_per_unit=limit.requests_per_unit,
-                    unit=_UNITS[limit.unit],
-                )
+            denied = outcome.over_limit and not limit.shadow_mode
+            over = over or denied
+            statuses[i] = _Response.DescriptorStatus(
+                code=_OVER if denied else _OK,
+                current_limit=_rate_limit(limit),
+                limit_remaining=0 if outcome.over_limit else outcome.remaining,
+                duration_until_reset=duration_pb2.Duration(seconds=math.ceil(outcome.reset_after)),
             )
-            status.limit_remaining = 0 if outcome.over_limit else outcome.remaining
-            status.duration_until_reset.seconds = math.ceil(outcome.reset_after)
-            if outcome.over_limit and not limit.shadow_mode:
-                status.code = _OVER
-                over = True
         response = _Response(overall_code=_OVER if over else _OK, statuses=statuses)
         if charged:
             response.response_headers_to_add.extend(_headers(statuses))
         return response
+
+
+def _rate_limit(limit: Limit) -> rls_pb2.RateLimitResponse.RateLimit:
+    """The limit as the response states it; made once per configured limit."""
+    message = _RATE_LIMITS.get(limit)
+    if message is None:
+        if len(_RATE_LIMITS) >= _MAX_CHILDREN:  # limits from Envoy's overrides come and go
+            _RATE_LIMITS.clear()
+        message = _RATE_LIMITS[limit] = _Response.RateLimit(
+            name=limit.name, requests_per_unit=limit.requests_per_unit, unit=_UNITS[limit.unit]
+        )
+    return message
+
+
+_RATE_LIMITS: dict[Limit, rls_pb2.RateLimitResponse.RateLimit] = {}
 
 
 def _limit(
