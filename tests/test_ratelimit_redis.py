@@ -474,3 +474,31 @@ async def test_a_sentinel_url_finds_its_master(tmp_path: Path, processes: Proces
 def test_unsupported_redis_urls_are_refused(url: str) -> None:
     with pytest.raises(ValueError, match=r"Redis|Sentinel|Cluster"):
         RedisBackend.from_url(url)
+
+
+async def test_a_password_and_a_database_in_the_url_are_used(shared_redis: RedisServer) -> None:
+    admin = redis.Redis(host=LOOPBACK, port=shared_redis.port)
+    admin.config_set("requirepass", "s3cret")
+    try:
+        url = f"redis://:s3cret@{LOOPBACK}:{shared_redis.port}/3"
+        b = RedisBackend.from_url(url, timeout=1.0)
+        try:
+            [outcome] = await b.take([charge("authed", "fixed_window", 5)])
+            assert outcome.charged
+        finally:
+            await b.aclose()
+        authed = redis.Redis(host=LOOPBACK, port=shared_redis.port, password="s3cret", db=3)
+        assert any(b"authed" in k for k in authed.keys("*"))
+        authed.close()
+        wrong = RedisBackend.from_url(f"redis://:nope@{LOOPBACK}:{shared_redis.port}", timeout=1.0)
+        try:  # a wrong password is a Redis failure: the failure policy answers
+            [outcome] = await wrong.take([charge("refused", "fixed_window", 5)])
+            assert not outcome.over_limit
+            assert not outcome.charged
+        finally:
+            await wrong.aclose()
+    finally:
+        redis.Redis(host=LOOPBACK, port=shared_redis.port, password="s3cret").config_set(
+            "requirepass", ""
+        )
+        admin.close()

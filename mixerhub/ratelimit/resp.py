@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 from typing import Any
 
 import hiredis
@@ -26,11 +27,15 @@ class RedisReplyError(Exception):
 
 
 def _command(*parts: str | int | bytes) -> bytes:
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        data = part if isinstance(part, bytes) else str(part).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+    return b"*%d\r\n%s" % (len(parts), b"".join(map(_bulk, parts)))
+
+
+# A decision's arguments repeat (its keys, limits, units, the script's SHA): each is encoded
+# once, and a command is a join of cached pieces.
+@functools.lru_cache(maxsize=65_536, typed=True)  # typed: 1 and True encode differently
+def _bulk(part: str | int | bytes) -> bytes:
+    data = part if isinstance(part, bytes) else str(part).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 class ScriptConnection:
