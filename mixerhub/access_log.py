@@ -65,13 +65,15 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
             _HTTP.inc(len(entries))
             if reports is None or reports.empty:
                 return 0
-            bags = [plan.http_bag(e, reporter) for e in entries]
+            extract = plan.http_for(reporter)
+            bags = [extract(e, reporter) for e in entries]
         elif message.HasField("tcp_logs"):
             entries = message.tcp_logs.log_entry
             _TCP.inc(len(entries))
             if reports is None or reports.empty:
                 return 0
-            bags = [plan.tcp_bag(e, reporter) for e in entries]
+            extract = plan.tcp_for(reporter)
+            bags = [extract(e, reporter) for e in entries]
         else:
             return 0
         # Reports are scoped like Mixer's: by the namespace of the workload that reported.

@@ -4,7 +4,9 @@ A decision depends only on the calling workload and on the values of the attribu
 rules and policies reference, so those values are the key. A decision lives at most as long as
 its handlers allowed (valid_duration, valid_use_count) and never past the snapshot it was made
 under: each snapshot has its own cache, so a policy change can never be answered by a stale allow.
-Decisions that charged a quota are never cached: each request must be counted.
+Quotas are not part of what is cached: a decision that allows carries the quota charges its
+rules ask for (instances built, as they depend on the same attributes), and each request, served
+from the cache or not, makes them; Mixer's client kept its check and quota caches apart too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from mixerhub import adapter
 
 _MISSING = object()
+_SCALARS = frozenset({str, int, float, bool, bytes, type(None), object})
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +36,9 @@ class Decision:
     cacheable: bool = True
     valid_duration: float = adapter.DEFAULT_VALID_DURATION
     valid_use_count: int = adapter.DEFAULT_VALID_USE_COUNT
+    # Quota charges an allowed request is still to make: made for every request, a cached
+    # decision's too (mixerhub.dispatcher.QuotaCharge).
+    charges: tuple[Any, ...] = ()
 
     @property
     def result(self) -> str:
@@ -117,6 +123,8 @@ class DecisionCache:
 
 def freeze(value: object) -> Hashable:
     """A hashable stand-in with the same equality: maps and lists become sorted tuples."""
+    if value.__class__ in _SCALARS:  # most attributes: no ABC checks
+        return value
     if isinstance(value, Mapping):
         return tuple(sorted((str(k), freeze(v)) for k, v in value.items()))
     if isinstance(value, list | tuple):

@@ -36,6 +36,7 @@ from mixerhub.snapshot import (
     HeaderOperation,
     Snapshot,
 )
+from mixerhub.store.mixer_kinds import GeneratedBuild, report_builder
 from mixerhub.templates import Variety
 from mixerhub.types import Bag
 
@@ -79,6 +80,8 @@ class CheckOutcome:
     # decides what that means; the outcome is never cached.
     failed: bool = False
     quota_used: bool = False
+    # The quota charges still to make when the checks passed (CheckDispatcher.check_rules).
+    charges: tuple[QuotaCharge, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -145,7 +148,22 @@ class CheckDispatcher:
     def routes_for(self, namespace: str) -> tuple[CheckRoute, ...]:
         return self._scoped.routes_for(namespace)
 
+    @property
+    def governed(self) -> bool:
+        """Whether QuotaSpecs decide some quota's charge: they read attributes no rule
+        references, so a charge prepared for one request may not fit the next."""
+        return bool(self._governed)
+
     async def check(self, bag: Bag, namespace: str, quota_args: QuotaArgs) -> CheckOutcome:
+        outcome = await self.check_rules(bag, namespace)
+        if outcome.ok and not outcome.failed and outcome.charges:
+            await charge(outcome.charges, quota_args, outcome)
+        return outcome
+
+    async def check_rules(self, bag: Bag, namespace: str) -> CheckOutcome:
+        """The check actions of every matching rule, and, when they all pass, the quota charges
+        the request is to make (``outcome.charges``), with their instances built: a decision a
+        cache may keep, while the charges are made anew for each request (see ``charge``)."""
         outcome = CheckOutcome()
         if self.preprocessor is not None:
             self.preprocessor.generate(bag, namespace)
@@ -161,32 +179,62 @@ class CheckDispatcher:
                 if not result.ok:
                     outcome.deny(result.status, result.message, call)
                     return outcome
-        charges: dict[str, int] | None = None
+        charges: list[QuotaCharge] = []
+        amounts: dict[str, int] | None = None
         for route in routes:
             for call in route.quotas:
-                args = quota_args
+                amount = 0  # the request's own amount
                 if call.instance.name in self._governed:
-                    if charges is None:
-                        charges = self._charges.amounts(bag, namespace)
-                    amount = charges.get(call.instance.name, 0)
+                    if amounts is None:
+                        amounts = self._charges.amounts(bag, namespace)
+                    amount = amounts.get(call.instance.name, 0)
                     if amount <= 0:
                         continue  # no bound QuotaSpec asks for this quota
-                    args = replace(quota_args, amount=amount)
-                outcome.quota_used = True
-                quota = await _quota(call, bag, args, outcome)
-                if quota is None:
-                    return outcome
-                if quota.status in _FAILURES:
-                    # The backend failed (a Redis down): the failure policy decides, as for a raise.
-                    outcome.failed = True
-                if quota.amount < args.amount and not (args.best_effort and quota.amount):
-                    message = quota.message or f"quota {call.instance.name} exhausted"
-                    status = (
-                        quota.status if quota.status != adapter.OK else adapter.RESOURCE_EXHAUSTED
-                    )
-                    outcome.deny(status, message, call)
-                    return outcome
+                try:
+                    charges.append(QuotaCharge(call, call.instance.build(bag), amount))
+                except Exception as e:
+                    # Reported when the charge is due, as if built then: an earlier quota may
+                    # deny first.
+                    charges.append(QuotaCharge(call, None, amount, e))
+        outcome.charges = tuple(charges)
         return outcome
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaCharge:
+    """One quota a request is charged, its instance built from the request's attributes."""
+
+    call: Call
+    instance: Any
+    amount: int  # 0: the request's own amount (QuotaArgs.amount); else a QuotaSpec's charge
+    error: Exception | None = None  # the instance could not be built
+
+
+async def charge(
+    charges: Sequence[QuotaCharge], quota_args: QuotaArgs, outcome: CheckOutcome
+) -> CheckOutcome:
+    """Charge each quota in turn; the first one spent denies, and the rest are not asked."""
+    for c in charges:
+        call = c.call
+        args = replace(quota_args, amount=c.amount) if c.amount else quota_args
+        outcome.quota_used = True
+        if c.error is not None:
+            _fail(call, c.error, outcome)
+            return outcome
+        try:
+            quota: QuotaResult = await call.method(c.instance, args)
+        except Exception as e:  # an adapter that broke its word
+            _fail(call, e, outcome)
+            return outcome
+        if quota.status in _FAILURES:
+            # The backend failed (a Redis down): the failure policy decides, as for a raise.
+            outcome.failed = True
+        if quota.amount < args.amount and not (args.best_effort and quota.amount):
+            message = quota.message or f"quota {call.instance.name} exhausted"
+            status = quota.status if quota.status != adapter.OK else adapter.RESOURCE_EXHAUSTED
+            outcome.deny(status, message, call)
+            return outcome
+    return outcome
 
 
 def header_values(operations: Sequence[HeaderOperation], bag: Bag) -> list[tuple[str, str, str]]:
@@ -248,24 +296,13 @@ async def _check(call: Call, bag: Bag, outcome: CheckOutcome) -> CheckResult | N
         return None
 
 
-async def _quota(
-    call: Call, bag: Bag, args: QuotaArgs, outcome: CheckOutcome
-) -> QuotaResult | None:
-    try:
-        instance = call.instance.build(bag)
-        result: QuotaResult = await call.method(instance, args)
-        return result
-    except Exception as e:
-        _fail(call, e, outcome)
-        return None
-
-
 def _fail(call: Call, error: Exception, outcome: CheckOutcome) -> None:
     ADAPTER_ERRORS.labels(call.adapter).inc()
     if isinstance(error, EvaluationError):
         reason = f"instance {call.instance.name}: {error}"
     else:
-        log.exception("handler %s failed", call.handler)
+        # The error's own traceback: a quota instance's build error is reported after the fact.
+        log.error("handler %s failed", call.handler, exc_info=error)
         reason = f"handler {call.handler} failed"
     outcome.failed = True
     outcome.deny(adapter.INTERNAL, reason, call)
@@ -275,6 +312,9 @@ def _fail(call: Call, error: Exception, outcome: CheckOutcome) -> None:
 class ReportRoute:
     rule: CompiledRule
     calls: tuple[Call, ...]
+    # All the calls' instances from one generated function (its source is kept there, for
+    # debugging); None when the instances cannot be generated for, and each builds its own.
+    generated: GeneratedBuild | None = None
 
 
 class ReportDispatcher:
@@ -296,7 +336,8 @@ class ReportDispatcher:
                                  method, instance)
                         )  # fmt: skip
             if calls:
-                routes.append(ReportRoute(rule, tuple(calls)))
+                generated = report_builder(rule.name, [c.instance.build for c in calls])
+                routes.append(ReportRoute(rule, tuple(calls), generated))
         self._scoped = _Scoped(routes, mesh_namespace)
         self.empty = not routes
         needed = frozenset().union(*(r.rule.referenced for r in routes))
@@ -319,6 +360,19 @@ class ReportDispatcher:
             for route in routes:
                 if not _matches(route.rule, bag):
                     continue
+                if route.generated is not None:
+                    try:
+                        built = route.generated.function(bag)
+                    except EvaluationError:
+                        pass  # the instances' own builders below skip only the failing ones
+                    else:
+                        for call, instance in zip(route.calls, built, strict=True):
+                            batch = batches.get(call.method)
+                            if batch is None:
+                                batches[call.method] = (call, [instance])
+                            else:
+                                batch[1].append(instance)
+                        continue
                 for call in route.calls:
                     try:
                         instance = call.instance.build(bag)

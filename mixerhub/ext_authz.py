@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +33,18 @@ from prometheus_client import Counter, Histogram
 
 from mixerhub import adapter
 from mixerhub.adapter import QuotaArgs
-from mixerhub.bag import LazyBag
-from mixerhub.check_attributes import CheckBag, CheckContext
-from mixerhub.decision_cache import Decision, DecisionCache
-from mixerhub.dispatcher import CheckDispatcher, header_values
+from mixerhub.bag import ABSENT, LazyBag
+from mixerhub.bootstrap import (
+    LABELS_HEADER,
+    NAMESPACE_HEADER,
+    SERVICE_ACCOUNT_HEADER,
+    WORKLOAD_HEADER,
+)
+from mixerhub.check_attributes import EXTRACTORS, CheckBag, CheckContext
+from mixerhub.decision_cache import Decision, DecisionCache, freeze
+from mixerhub.dispatcher import CheckDispatcher, CheckOutcome, charge, header_values
 from mixerhub.monitoring import REGISTRY
+from mixerhub.security.authentication import NO_AUTHENTICATION, AuthnResult
 from mixerhub.snapshot import BuiltHandler, Snapshot
 from mixerhub.templates import Action, AuthorizationInstance, CheckNothingInstance, Subject
 from mixerhub.workload import WorkloadIdentity
@@ -77,6 +84,10 @@ class FailurePolicy:
     budget: float = 0.15
 
 
+def _absent(context: CheckContext) -> object:
+    return ABSENT
+
+
 class Checker:
     """The check side of one snapshot: built when the snapshot becomes active."""
 
@@ -87,26 +98,30 @@ class Checker:
         self.policies = snapshot.authorization
         # The decision depends on exactly these attributes (and on the workload).
         self.referenced = tuple(sorted(self.dispatcher.referenced | self.policies.referenced))
+        # Of request.headers, only the headers the policies name, unless a Mixer rule reads the
+        # map: requests differ in headers nothing reads (x-request-id, for one).
+        self._headers: tuple[str, ...] = ()
+        if (
+            "request.headers" in self.referenced
+            and self.policies.headers is not None
+            and "request.headers" not in self.dispatcher.referenced
+        ):
+            self.referenced = tuple(n for n in self.referenced if n != "request.headers")
+            self._headers = tuple(sorted(self.policies.headers))
+        # The key reads the request through the extractors, not a bag: on a hit no bag is filled.
+        # An attribute no extractor makes (a generator's output) is absent when the key is made.
+        self._readers = tuple(EXTRACTORS.get(name, _absent) for name in self.referenced)
         self.cache = DecisionCache()
-        # Namespaces where a quota rule may apply: there every request must be counted, so
-        # decisions are not cached and no cache key is worth building.
-        self._uncacheable: dict[str, bool] = {}
-
-    def _cacheable(self, namespace: str) -> bool:
-        known = self._uncacheable.get(namespace)
-        if known is None:
-            known = any(r.quotas for r in self.dispatcher.routes_for(namespace))
-            if len(self._uncacheable) < 10_000:
-                self._uncacheable[namespace] = known
-        return not known
+        # QuotaSpecs read attributes no rule references: the charges they decide cannot be
+        # kept with a decision, so none is cached.
+        self._caching = not self.dispatcher.governed
 
     async def check(
         self, request: external_auth_pb2.CheckRequest, workload: WorkloadIdentity
-    ) -> external_auth_pb2.CheckResponse:
+    ) -> external_auth_pb2.CheckResponse | bytes:
         http = request.attributes.request.http
         context = CheckContext(request, workload)
-        set_headers: tuple[tuple[str, str], ...] = ()
-        remove_headers: tuple[str, ...] = ()
+        authn: AuthnResult | None = None
         if self.authenticator.applies(workload):
             query = http.path.partition("?")[2]
             authn = await self.authenticator.authenticate(workload, http.headers, query)
@@ -114,26 +129,30 @@ class Checker:
                 count("unauthenticated", "RequestAuthentication")
                 return unauthenticated(authn.error)
             if authn.identity is not None:
-                context.identity = identity_attributes(authn.identity)
-            set_headers, remove_headers = authn.headers_to_set, authn.headers_to_remove
-        bag = CheckBag(context)
-
-        if self._cacheable(workload.namespace):
-            key = self.cache.key(workload.key, bag, self.referenced)
+                context.identity = _identity_attributes(authn.identity)
+        if self._caching:
+            key = (
+                workload.key,
+                *[freeze(read(context)) for read in self._readers],
+                *[http.headers.get(name) for name in self._headers],
+            )
             decision = self.cache.get(key)
             if decision is None:
-                decision = await self._decide(bag, workload, http)
+                decision = await self._decide(CheckBag(context), workload)
                 self.cache.put(key, decision)
         else:
-            decision = await self._decide(bag, workload, http)
+            decision = await self._decide(CheckBag(context), workload)
+        if decision.charges:
+            # Quotas are charged for every request, the decision cached or not.
+            decision = await self._charge(decision, http.id)
         count(decision.result, decision.denied_by)
         if not decision.allowed:
             return denied(decision)
-        return allowed(decision, set_headers, remove_headers, context.identity)
+        return allowed_bytes(decision, authn)
 
-    async def _decide(
-        self, bag: LazyBag[CheckContext], workload: WorkloadIdentity, http: Any
-    ) -> Decision:
+    async def _decide(self, bag: LazyBag[CheckContext], workload: WorkloadIdentity) -> Decision:
+        """The decision of the policies and the check rules, with the quota charges an allowed
+        request is still to make: what depends only on the referenced attributes."""
         if self.policies.applies(workload):
             verdict = self.policies.evaluate(workload, bag)
             for policy, action, matched in verdict.dry_run:
@@ -153,8 +172,7 @@ class Checker:
                 )
         if self.dispatcher.empty:
             return Decision.allow()
-        args = QuotaArgs(amount=1, deduplication_id=http.id)
-        outcome = await self.dispatcher.check(bag, workload.namespace, args)
+        outcome = await self.dispatcher.check_rules(bag, workload.namespace)
         request_ops = [
             h for r in outcome.matched for h in header_values(r.request_header_operations, bag)
         ]
@@ -169,7 +187,6 @@ class Checker:
                 outcome.message or "denied",
                 f"{outcome.rule}/{outcome.handler}",
                 response_ops,
-                cacheable=not outcome.quota_used,
                 valid_duration=outcome.valid_duration,
                 valid_use_count=outcome.valid_use_count,
             )
@@ -180,9 +197,26 @@ class Checker:
             "",
             tuple(request_ops),
             tuple(response_ops),
-            cacheable=not outcome.quota_used,
             valid_duration=outcome.valid_duration,
             valid_use_count=outcome.valid_use_count,
+            charges=outcome.charges,
+        )
+
+    @staticmethod
+    async def _charge(decision: Decision, request_id: str) -> Decision:
+        """The decision's quota charges, made for this request: it stands if all are granted."""
+        outcome = CheckOutcome()
+        await charge(decision.charges, QuotaArgs(amount=1, deduplication_id=request_id), outcome)
+        if outcome.failed:
+            raise HandlerFailure(outcome.message)
+        if outcome.ok:
+            return decision
+        return Decision.deny(
+            outcome.status,
+            outcome.message or "denied",
+            f"{outcome.rule}/{outcome.handler}",
+            decision.response_headers,
+            cacheable=False,
         )
 
     async def _custom(self, provider: str, bag: LazyBag[CheckContext]) -> Decision | None:
@@ -283,14 +317,14 @@ class AuthorizationService:
                 "Check": grpc.unary_unary_rpc_method_handler(
                     self.check_bytes,
                     request_deserializer=None,
-                    response_serializer=external_auth_pb2.CheckResponse.SerializeToString,
+                    response_serializer=_serialize,
                 )
             },
         )
 
     async def check_bytes(
         self, data: bytes, context: grpc.aio.ServicerContext
-    ) -> external_auth_pb2.CheckResponse:
+    ) -> external_auth_pb2.CheckResponse | bytes:
         started = time.perf_counter()
         try:
             try:
@@ -306,11 +340,11 @@ class AuthorizationService:
 
     async def check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
-    ) -> external_auth_pb2.CheckResponse:
+    ) -> external_auth_pb2.CheckResponse | bytes:
         checker = self.checker
         if checker is None:
             return self._failed("no valid configuration loaded")
-        workload = WorkloadIdentity.from_metadata(context.invocation_metadata())
+        workload = _workload(context.invocation_metadata())
         # The budget as a bare timer that cancels this task: asyncio.timeout() does the same at
         # three times the cost, and every Check pays it.
         task = asyncio.current_task()
@@ -342,6 +376,25 @@ class AuthorizationService:
         return denied(Decision.deny(adapter.UNAVAILABLE, reason, "mixerhub"))
 
 
+_workloads: dict[tuple[tuple[str, str | bytes], ...], WorkloadIdentity] = {}
+_IDENTITY_METADATA = frozenset(
+    {WORKLOAD_HEADER, NAMESPACE_HEADER, LABELS_HEADER, SERVICE_ACCOUNT_HEADER}
+)
+
+
+def _workload(metadata: Iterable[tuple[str, str | bytes]] | None) -> WorkloadIdentity:
+    """The calling workload. A proxy sends the same identity metadata on every call: parsed
+    once, and the same object each time (which the authenticator's plan lookup relies on)."""
+    identity = tuple(m for m in metadata or () if m[0] in _IDENTITY_METADATA)
+    workload = _workloads.get(identity)
+    if workload is None:
+        workload = WorkloadIdentity.from_metadata(identity)
+        if len(_workloads) >= 4096:  # metadata comes from the network: bounded
+            _workloads.clear()
+        _workloads[identity] = workload
+    return workload
+
+
 _counters: dict[tuple[str, str], Any] = {}
 
 
@@ -353,6 +406,22 @@ def count(result: str, rule: str) -> None:
         if len(_counters) < 10_000:  # rule names come from config: bounded, but be safe
             _counters[(result, rule)] = child
     child.inc()
+
+
+# By identity object: the authenticator hands back the same one for a repeated token. An entry
+# holds the identity, so its id stays its own.
+_identities: dict[int, tuple[Any, Mapping[str, object]]] = {}
+
+
+def _identity_attributes(identity: Any) -> Mapping[str, object]:
+    known = _identities.get(id(identity))
+    if known is not None and known[0] is identity:
+        return known[1]
+    attributes = identity_attributes(identity)
+    if len(_identities) >= 4096:
+        _identities.clear()
+    _identities[id(identity)] = (identity, attributes)
+    return attributes
 
 
 def identity_attributes(identity: Any) -> dict[str, object]:
@@ -380,6 +449,41 @@ def _header(name: str, value: str, append: bool = False) -> base_pb2.HeaderValue
 _ALLOW = external_auth_pb2.CheckResponse(
     status=status_pb2.Status(code=0), ok_response=external_auth_pb2.OkHttpResponse()
 )
+_ALLOW_BYTES: bytes = _ALLOW.SerializeToString()
+
+# Serialized allowances by (decision, authentication result). Both come back as the same objects
+# while their caches hold them (the decision cache, the authenticator's results), so a repeated
+# request is answered with bytes made once. An entry holds the two objects, so their ids cannot
+# be reused by others while it exists.
+_allowances: dict[tuple[int, int], tuple[Decision, AuthnResult | None, bytes]] = {}
+_MAX_ALLOWANCES = 4096
+
+
+def allowed_bytes(decision: Decision, authn: AuthnResult | None) -> bytes:
+    """``allowed`` for a Check's decision and authentication, serialized."""
+    plain = authn is None or authn == NO_AUTHENTICATION
+    if plain and not (decision.request_headers or decision.response_headers):
+        return _ALLOW_BYTES
+    entry = _allowances.get((id(decision), id(authn)))
+    if entry is not None and entry[0] is decision and entry[1] is authn:
+        return entry[2]
+    if authn is None:
+        response = allowed(decision, (), (), {})
+    else:
+        identity = identity_attributes(authn.identity) if authn.identity is not None else {}
+        response = allowed(decision, authn.headers_to_set, authn.headers_to_remove, identity)
+    data: bytes = response.SerializeToString()
+    if len(_allowances) >= _MAX_ALLOWANCES:
+        _allowances.clear()
+    _allowances[(id(decision), id(authn))] = (decision, authn, data)
+    return data
+
+
+def _serialize(response: external_auth_pb2.CheckResponse | bytes) -> bytes:
+    if isinstance(response, bytes):
+        return response
+    data: bytes = response.SerializeToString()
+    return data
 
 
 def allowed(

@@ -170,7 +170,7 @@ def test_retries_get_past_a_failing_upstream(mesh: Mesh) -> None:
           hosts: [flaky.shop.svc]
           http:
           - route: [{{destination: {{host: flaky.shop.svc}}}}]
-            retries: {{attempts: 3, perTryTimeout: 1s, retryOn: 5xx}}
+            retries: {{attempts: 3, perTryTimeout: 5s, retryOn: 5xx}}
         ---
         apiVersion: networking.istio.io/v1
         kind: VirtualService

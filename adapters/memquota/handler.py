@@ -24,6 +24,7 @@ from .config import MemQuotaParams, Quota
 # Mixer's rolling windows count in ticks of 100 ms (dedup.go ticksPerSecond) over the
 # validDuration rounded up to whole seconds (memquota.go alloc).
 _TICK = 0.1
+_MAX_INSTANCES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,8 @@ class _CompiledQuota:
 
 
 def _hashable(value: object) -> Hashable:
+    if value.__class__ is str:  # most dimensions: no ABC checks
+        return value
     if isinstance(value, Mapping):
         return tuple(sorted((str(k), _hashable(v)) for k, v in value.items()))
     if isinstance(value, list | tuple):
@@ -116,6 +119,7 @@ class MemQuotaHandler(Handler):
         self._dedup = _Dedup(params.min_deduplication_duration.total_seconds())
         self._cells: dict[Hashable, int] = {}  # allocation counters (validDuration 0)
         self._windows: dict[int, RollingWindow] = {}  # by window length in whole seconds
+        self._instances: dict[int, tuple[QuotaInstance, Hashable, _Limit]] = {}
 
     def _window(self, valid_duration: float) -> RollingWindow:
         seconds = math.ceil(valid_duration)
@@ -154,8 +158,17 @@ class MemQuotaHandler(Handler):
             if seen is not None:  # the same answer, and no second charge (dedup.go)
                 amount, expires = seen
                 return QuotaResult(amount, max(0.0, expires - now) if expires else 0.0)
-        lim = quota.limit(instance.dimensions)
-        key = _key(instance)
+        # A cached check decision hands in the same instance request after request: its key and
+        # limit are worked out once. The entry holds the instance, so its id stays its own.
+        known = self._instances.get(id(instance))
+        if known is not None and known[0] is instance:
+            _, key, lim = known
+        else:
+            lim = quota.limit(instance.dimensions)
+            key = _key(instance)
+            if len(self._instances) >= _MAX_INSTANCES:
+                self._instances.clear()
+            self._instances[id(instance)] = (instance, key, lim)
         if args.amount > 0:
             amount, valid = self._alloc(key, args.amount, args.best_effort, lim, now)
         else:

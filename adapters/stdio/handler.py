@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import ipaddress
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
@@ -11,7 +12,7 @@ from typing import IO, Any
 import orjson
 
 from mixerhub.adapter import Env, ExportResult, Handler, InstanceSpec
-from mixerhub.attributes import format_value
+from mixerhub.attributes import format_go_duration, format_value
 from mixerhub.templates import LogEntryInstance, MetricInstance
 
 from .config import Level, StdioParams
@@ -19,7 +20,31 @@ from .writer import LineWriter, RotatingFile
 
 # orjson writes timestamps in RFC 3339 itself (UTC as "Z"); format_value handles the rest
 # (durations in Go's notation, IPs as text) without a pass over every value first.
-_JSON = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+_JSON = orjson.OPT_UTC_Z
+# Keys that are not text (a map value with integer keys) take orjson's slower path: only retried
+# with it when a line has one.
+_JSON_ANY_KEYS = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+# The values every access-log line has that orjson does not know, by exact type: a dict lookup
+# instead of format_value's chain of isinstance checks. format_value does the same for them.
+_BY_TYPE: Mapping[type, Callable[[Any], object]] = {
+    datetime.timedelta: format_go_duration,
+    ipaddress.IPv4Address: str,
+    ipaddress.IPv6Address: str,
+}
+
+
+def _default(value: object) -> object:
+    convert = _BY_TYPE.get(type(value))
+    return convert(value) if convert is not None else format_value(value)
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    try:
+        return orjson.dumps(record, default=_default, option=_JSON).decode()
+    except orjson.JSONEncodeError:
+        return orjson.dumps(record, default=_default, option=_JSON_ANY_KEYS).decode()
+
+
 _RANK: Mapping[str, int] = {"INFO": 0, "WARNING": 1, "ERROR": 2}
 _NAME: Mapping[str, str] = {"INFO": "info", "WARNING": "warn", "ERROR": "error"}
 
@@ -78,9 +103,8 @@ class StdioHandler(Handler):
     ) -> str:
         when = at or datetime.datetime.now(datetime.UTC)
         if self.params.output_as_json:
-            record = {"level": _NAME[level], "time": when, "instance": instance, **fields}
-            return orjson.dumps(record, default=format_value, option=_JSON).decode()
-        text = orjson.dumps(fields, default=format_value, option=_JSON).decode()
+            return _dumps({"level": _NAME[level], "time": when, "instance": instance, **fields})
+        text = _dumps(fields)
         return f"{format_value(when)}\t{_NAME[level]}\t{instance}\t{text}"
 
     def _write(self, lines: list[str]) -> ExportResult:

@@ -220,25 +220,44 @@ class RollingWindow(_Keyed[_Buckets]):
         *,
         best_effort: bool = False,
     ) -> Take:
-        _check_args(amount, limit)
-        t = self._now(now)
-        self._sweep(t)
-        state = self._state.get(key)
+        # memquota charges every request here: _sweep, _expired and _roll are inlined.
+        if amount < 0 or limit < 0:
+            _check_args(amount, limit)
+        t = round((self._clock() if now is None else now) * _NS)
+        index = t // self._bucket
+        first = index - self.buckets + 1
+        states = self._state
+        while states:
+            oldest = next(iter(states))
+            counts = states[oldest].counts
+            if counts and counts[-1][0] >= first:
+                break
+            del states[oldest]
+        state = states.get(key)
+        known = state is not None
         if state is None:
             state = _Buckets()
-        else:
-            self._roll(state, t)
-        left = max(0, limit - state.total)
+        counts = state.counts
+        while counts and counts[0][0] < first:
+            state.total -= counts.popleft()[1]
+        left = limit - state.total
+        if left < 0:
+            left = 0
         granted = min(amount, left) if best_effort else (amount if amount <= left else 0)
         if granted:
-            index = t // self._bucket
-            if state.counts and state.counts[-1][0] == index:
-                state.counts[-1][1] += granted
+            if counts and counts[-1][0] == index:
+                counts[-1][1] += granted
             else:
-                state.counts.append([index, granted])
+                counts.append([index, granted])
             state.total += granted
-            self._store(key, state)
-        return Take(granted, left - granted, self._reset_after(state, t))
+            if known:
+                states.move_to_end(key)  # the latest to expire (what _store does for a known key)
+            else:
+                self._store(key, state)
+        if not counts:
+            return Take(granted, left - granted, 0.0)
+        reset_after = ((counts[-1][0] + self.buckets) * self._bucket - t) / _NS
+        return Take(granted, left - granted, reset_after)
 
     def release(self, key: Hashable, amount: int, now: float | None = None) -> int:
         """Give back up to ``amount`` from the newest buckets backwards (as Mixer's memquota did

@@ -234,6 +234,7 @@ class Authenticator:
         # Whether any policy exists at all: without one the check service skips authentication.
         self.referenced = bool(self.policies)
         self._plans: dict[tuple[str, frozenset[tuple[str, str]]], _Plan] = {}
+        self._last: tuple[WorkloadIdentity, _Plan] | None = None
         self._results: dict[
             tuple[object, ...], tuple[_Plan, CompiledJwtRule, str, AuthnResult]
         ] = {}
@@ -352,9 +353,16 @@ class Authenticator:
         return result
 
     def _plan(self, workload: WorkloadIdentity) -> _Plan:
+        # The check service hands in the same WorkloadIdentity object for a repeated caller
+        # (and asks twice per request): that one object needs no key built.
+        last = self._last
+        if last is not None and last[0] is workload:
+            return last[1]
         key = (workload.namespace, frozenset(workload.labels.items()))
         plan = self._plans.get(key)
-        if plan is None:
+        if plan is not None:
+            self._last = (workload, plan)
+        else:
             rules = sorted(
                 (
                     rule
@@ -378,6 +386,7 @@ class Authenticator:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
             self._plans[key] = plan
+            self._last = (workload, plan)
         return plan
 
 

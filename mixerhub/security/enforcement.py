@@ -53,14 +53,22 @@ Reader = str | Callable[[Bag], object]
 Test = Callable[[Bag], bool]
 
 
-def header(name: str) -> Reader:
-    """A request header by its lower-cased name, from the ``request.headers`` map."""
+class HeaderReader:
+    """A request header by its lower-cased name, from the ``request.headers`` map. A class, not
+    a closure, so the decision cache can key on this one header rather than on the whole map."""
 
-    def read(bag: Bag) -> object:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, bag: Bag) -> object:
         headers = bag.get("request.headers")
-        return headers.get(name) if isinstance(headers, Mapping) else None
+        return headers.get(self.name) if isinstance(headers, Mapping) else None
 
-    return read
+
+def header(name: str) -> Reader:
+    return HeaderReader(name)
 
 
 def claim(path: tuple[str, ...]) -> Reader:
@@ -304,7 +312,9 @@ _SELECTION_CACHE_SIZE: Final = 4096
 class PolicySet:
     """Every AuthorizationPolicy of a snapshot, compiled; the default is an empty set."""
 
-    __slots__ = ("_by_namespace", "_cache", "_root", "policies", "referenced", "root_namespace")
+    __slots__ = (
+        "_by_namespace", "_cache", "_root", "headers", "policies", "referenced", "root_namespace",
+    )  # fmt: skip
 
     def __init__(
         self, policies: Iterable[CompiledPolicy] = (), root_namespace: str = ROOT_NAMESPACE
@@ -326,6 +336,15 @@ class PolicySet:
             if p.protocol_sensitive:
                 referenced.add("context.protocol")
         self.referenced = frozenset(referenced)
+        # The header names the policies read from request.headers, or None when something reads
+        # the map otherwise: what a decision depends on, finer than the whole map.
+        tests = [t for p in self.policies for r in p.rules for t in r.tests()]
+        readers = [t.read for t in tests if "request.headers" in t.attributes]
+        self.headers: frozenset[str] | None = (
+            frozenset(r.name for r in readers if isinstance(r, HeaderReader))
+            if all(isinstance(r, HeaderReader) for r in readers)
+            else None
+        )
         self._cache: dict[tuple[str, frozenset[tuple[str, str]]], _Selected] = {}
 
     def __repr__(self) -> str:

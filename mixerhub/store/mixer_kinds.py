@@ -7,9 +7,10 @@ policy/v1beta1 (cfg.proto, value_type.proto); older per-adapter and per-template
 
 from __future__ import annotations
 
+import linecache
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pydantic import Field
@@ -17,6 +18,10 @@ from pydantic import Field
 from mixerhub.adapter import InstanceSpec
 from mixerhub.attributes import ValueType
 from mixerhub.expression import Expression, ExpressionError, compile_expression
+from mixerhub.expression.check import check, coerce
+from mixerhub.expression.compile import _Generator
+from mixerhub.expression.fold import fold
+from mixerhub.expression.parse import parse
 from mixerhub.snapshot import (
     AttributeBinding,
     BuiltHandler,
@@ -162,14 +167,11 @@ def compile_instance(doc: Document, spec: InstanceDocSpec, c: Compilation) -> No
         c.mark_broken("instance", doc)
         return
 
-    def build_instance(bag: Bag, _build: Callable[[Bag, str], Any] = build) -> Any:
-        return _build(bag, full_name)
-
     c.instances[Ref(doc.name, doc.namespace)] = CompiledInstance(
         full_name,
         template,
         InstanceSpec(full_name, template.name, fields.types),
-        build_instance,
+        InstanceBuilder(build, full_name),
         frozenset(fields.referenced),
         fields.sources,
         bindings,
@@ -233,6 +235,8 @@ class _FieldCompiler:
         self.types: dict[str, ValueType] = {}
         self.sources: dict[str, str] = {}
         self.referenced: set[str] = set()
+        # How each field's function was compiled, so report_builder can inline its code.
+        self.inline: dict[Evaluator, InlineSource] = {}
 
     def message(
         self,
@@ -241,12 +245,12 @@ class _FieldCompiler:
         params: Mapping[str, Any],
         path: tuple[str, ...],
         prefix: str = "",
-    ) -> Callable[[Bag, str], Any]:
-        """A function (bag, instance name) -> instance of cls; messages nested below get no name."""
+    ) -> MessageBuilder:
+        """A builder (bag, instance name) -> instance of cls; messages nested below get no name."""
         by_name = {f.name: f for f in fields}
         scalars: list[tuple[str, Callable[[Bag], object]]] = []
         maps: list[tuple[str, tuple[tuple[str, Callable[[Bag], object]], ...]]] = []
-        messages: list[tuple[str, Callable[[Bag, str], Any]]] = []
+        messages: list[tuple[str, MessageBuilder]] = []
         for key, value in params.items():
             f = by_name.get(snake_case(str(key)))
             if f is None:
@@ -279,8 +283,14 @@ class _FieldCompiler:
                 ev = self.expression(value, f.type, field_path, name, f.also)
                 if ev is not None:
                     scalars.append((f.name, ev))
-        return _builder(
-            cls, tuple(scalars), tuple(maps), tuple(messages), named=not prefix, memoize=self.memo
+        return MessageBuilder(
+            cls,
+            tuple(scalars),
+            tuple(maps),
+            tuple(messages),
+            named=not prefix,
+            memoize=self.memo,
+            inline=self.inline,
         )
 
     def expression(
@@ -300,11 +310,14 @@ class _FieldCompiler:
         expr: Expression | None
         try:
             expr = self.c.compile_expression(source, expected)
+            compiled_as: ValueType | None = expected
         except ExpressionError as e:
             expr = _also(source, self.c.attributes, also)
             if expr is None:
                 self._fail(join_path(*path), f"{e} in {source!r}")
                 return None
+            compiled_as = None
+        self.inline[expr.evaluate] = InlineSource(source, self.c.attributes, compiled_as)
         self.types[type_key] = expr.result_type
         self.sources[type_key] = source
         self.referenced |= expr.referenced
@@ -340,16 +353,42 @@ def _message_class(instance_cls: type[Any], field_name: str) -> type[Any]:
     raise LookupError(f"{instance_cls.__name__} has no message field {field_name}")
 
 
-def _builder(
-    cls: type[Any],
-    scalars: tuple[tuple[str, Callable[[Bag], object]], ...],
-    maps: tuple[tuple[str, tuple[tuple[str, Callable[[Bag], object]], ...]], ...],
-    messages: tuple[tuple[str, Callable[[Bag, str], Any]], ...],
-    named: bool,
-    memoize: bool = True,
-) -> Callable[[Bag, str], Any]:
-    def build(bag: Bag, name: str) -> Any:
-        if not memoize or type(bag) is not dict:  # a self-filling bag or a read-only mapping
+Evaluator = Callable[[Bag], object]
+
+
+@dataclass(frozen=True, slots=True)
+class InlineSource:
+    """What a field's function was compiled from: report_builder compiles it again as code."""
+
+    source: str
+    attributes: Mapping[str, ValueType]
+    expected: ValueType | None
+
+
+class MessageBuilder:
+    """Builds one message of an instance (the instance itself, or a message field below it) from
+    its compiled field expressions. What it holds is also what ``report_builder`` generates code
+    from, so the generic path here and the generated one cannot drift apart in what they read."""
+
+    __slots__ = ("cls", "inline", "maps", "memoize", "messages", "named", "scalars")
+
+    def __init__(
+        self,
+        cls: type[Any],
+        scalars: tuple[tuple[str, Evaluator], ...],
+        maps: tuple[tuple[str, tuple[tuple[str, Evaluator], ...]], ...],
+        messages: tuple[tuple[str, MessageBuilder], ...],
+        named: bool,
+        memoize: bool = True,
+        inline: Mapping[Evaluator, InlineSource] | None = None,
+    ) -> None:
+        self.cls, self.scalars, self.maps, self.messages = cls, scalars, maps, messages
+        self.named, self.memoize = named, memoize
+        self.inline = inline or {}
+
+    def __call__(self, bag: Bag, name: str) -> Any:
+        scalars, maps = self.scalars, self.maps
+        if not self.memoize or type(bag) is not dict:  # a self-filling bag or a read-only mapping
             values: dict[str, Any] = {f: ev(bag) for f, ev in scalars}
             for f, entries in maps:
                 values[f] = {k: ev(bag) for k, ev in entries}
@@ -372,14 +411,120 @@ def _builder(
                         v = memo[ev] = ev(bag)
                     d[k] = v
                 values[f] = d
-        for f, sub in messages:
+        for f, sub in self.messages:
             values[f] = sub(bag, name)
-        return cls(name, **values) if named else cls(**values)
+        return self.cls(name, **values) if self.named else self.cls(**values)
 
-    return build
+    def evaluators(self) -> list[Evaluator]:
+        """Every field expression below this message, in the order the generic path reads them."""
+        out = [ev for _, ev in self.scalars]
+        out += [ev for _, entries in self.maps for _, ev in entries]
+        for _, sub in self.messages:
+            out += sub.evaluators()
+        return out
+
+
+class InstanceBuilder:
+    """``CompiledInstance.build``: the instance's message builder, with the instance's name."""
+
+    __slots__ = ("message", "name")
+
+    def __init__(self, message: MessageBuilder, name: str) -> None:
+        self.message, self.name = message, name
+
+    def __call__(self, bag: Bag) -> Any:
+        return self.message(bag, self.name)
 
 
 _MISSING = object()
+
+
+def _inline_code(generator: _Generator, inline: InlineSource) -> str | None:
+    """The expression as one Python expression over ``bag``, compiled as compile_expression
+    compiles it; None when it cannot be (the caller calls the compiled function instead)."""
+    try:
+        generator.source = inline.source
+        tree = check(parse(inline.source), inline.attributes, inline.source)
+        expected = inline.expected
+        if expected is not None and expected is not ValueType.VALUE_TYPE_UNSPECIFIED:
+            converted = coerce(tree, expected)
+            if converted is None:
+                return None
+            tree = converted
+        return generator.strict(fold(tree, inline.source))
+    except (ExpressionError, RecursionError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedBuild:
+    """One function that builds several instances from one bag, with its source for debugging."""
+
+    function: Callable[[Bag], tuple[Any, ...]]
+    source: str
+    filename: str
+
+
+def report_builder(label: str, builds: Sequence[object]) -> GeneratedBuild | None:
+    """One generated function building all of ``builds`` (InstanceBuilders) from one bag: each
+    distinct field expression is evaluated once, into a local, its code inlined (the expression
+    compiler's own output, without a call per expression), and the instances are constructed from
+    those locals in straight-line code. It raises EvaluationError as soon as any expression fails,
+    before building anything: the caller then falls back to the instances' own builders, which
+    skip just the instances that cannot be built. None when some build is not an InstanceBuilder
+    (nothing to generate from) or must not share results (attribute generators).
+    """
+    if not builds or not all(isinstance(b, InstanceBuilder) and b.message.memoize for b in builds):
+        return None
+    instances = [b for b in builds if isinstance(b, InstanceBuilder)]
+    # One code generator for every expression: its temporaries and constants get names unique
+    # across them, and its namespace (helpers, constants) is the generated function's globals.
+    generator = _Generator(label)
+    namespace = generator.namespace
+    local: dict[Evaluator, str] = {}  # one local per distinct compiled expression
+    lines = [f"def build(bag):  # {label}", "    try:"]
+    for instance in instances:
+        for ev in instance.message.evaluators():
+            if ev in local:
+                continue
+            name = local[ev] = f"v{len(local)}"
+            inline = instance.message.inline.get(ev)
+            code = _inline_code(generator, inline) if inline is not None else None
+            if code is None:
+                namespace[f"e_{name}"] = ev
+                code = f"e_{name}(bag)"
+            comment = repr(inline.source[:80]) if inline is not None else repr(ev)
+            lines.append(f"        {name} = {code}  # {comment}")
+    lines += [
+        "    except _EvaluationError:",
+        "        raise",
+        "    except Exception as e:  # a missing attribute (KeyError) too: the caller falls back",
+        "        raise _evaluation_failed(e) from e",
+    ]
+    classes: dict[type[Any], str] = {}
+
+    def construct(message: MessageBuilder, instance_name: str) -> str:
+        cls = classes.get(message.cls)
+        if cls is None:
+            cls = classes[message.cls] = f"{message.cls.__name__}_{len(classes)}"
+            namespace[cls] = message.cls
+        args = [repr(instance_name)] if message.named else []
+        args += [f"{f}={local[ev]}" for f, ev in message.scalars]
+        for f, entries in message.maps:
+            items = ", ".join(f"{k!r}: {local[ev]}" for k, ev in entries)
+            args.append(f"{f}={{{items}}}")
+        args += [f"{f}={construct(sub, instance_name)}" for f, sub in message.messages]
+        return f"{cls}({', '.join(args)})"
+
+    lines.append("    return (")
+    lines += [f"        {construct(i.message, i.name)}," for i in instances]
+    lines.append("    )")
+    source = "\n".join(lines) + "\n"
+    filename = f"<report {label}>"
+    exec(compile(source, filename, "exec"), namespace)
+    # Tracebacks and debuggers show the generated lines, as they would a module's.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    return GeneratedBuild(namespace["build"], source, filename)
 
 
 # --- rule --------------------------------------------------------------------------------------
