@@ -11,38 +11,26 @@ from __future__ import annotations
 
 import base64
 import datetime
-import json
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cryptography import x509
 
+from mixerhub import proxy_status
 from mixerhub.xds.resources import SECRET
 
 _STATUS = {"SYNCED": "ACTIVE", "STALE": "WARMING", "NACKED": "REJECTED", "NOT SENT": "WARMING"}
 
 
-def _get(url: str, timeout: float) -> Any:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as e:
-        raise OSError(
-            f"{url} answered {e.code}: {e.read().decode(errors='replace').strip()}"
-        ) from e
-    except (urllib.error.URLError, TimeoutError) as e:
-        raise OSError(f"cannot reach the hub at {url}: {getattr(e, 'reason', e)}") from e
-
-
 def fetch(admin: str, node_id: str, timeout: float = 5.0) -> tuple[dict[str, Any], str]:
     """The proxy's config dump and its SDS sync state; OSError when the hub or proxy is unknown."""
     query = urllib.parse.urlencode({"proxy": node_id})
-    dump: dict[str, Any] = _get(f"http://{admin}/debug/config_dump?{query}", timeout)
+    dump: dict[str, Any] = proxy_status.get_json(
+        f"http://{admin}/debug/config_dump?{query}", timeout
+    )
     state = "NOT SENT"
-    for row in _get(f"http://{admin}/debug/syncz", timeout):
+    for row in proxy_status.fetch(admin, timeout):
         if row.get("node_id") == node_id:
             state = str(row.get("types", {}).get("SDS", {}).get("state", state))
     return dump, state

@@ -18,16 +18,20 @@ COLUMNS = ("CDS", "LDS", "EDS", "RDS", "SDS")
 
 def fetch(admin: str, timeout: float = 5.0) -> list[dict[str, Any]]:
     """The hub's /debug/syncz; raises OSError with a readable message when the hub is not there."""
-    url = f"http://{admin}/debug/syncz"
+    rows: list[dict[str, Any]] = get_json(f"http://{admin}/debug/syncz", timeout)
+    return rows
+
+
+def get_json(url: str, timeout: float) -> Any:
+    """One of the hub's debug pages, as JSON; OSError with a readable message otherwise."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            body: list[dict[str, Any]] = json.load(response)
+            return json.load(response)
     except urllib.error.HTTPError as e:
-        raise OSError(f"{url} answered {e.code}") from e
+        detail = e.read().decode(errors="replace").strip()
+        raise OSError(f"{url} answered {e.code}: {detail}".rstrip(": ")) from e
     except (urllib.error.URLError, TimeoutError) as e:
-        reason = getattr(e, "reason", e)
-        raise OSError(f"cannot reach the hub at {url}: {reason}") from e
-    return body
+        raise OSError(f"cannot reach the hub at {url}: {getattr(e, 'reason', e)}") from e
 
 
 def render(rows: Sequence[Mapping[str, Any]]) -> str:

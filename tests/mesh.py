@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import json
 import subprocess
+import textwrap
 import time
 import urllib.parse
 import urllib.request
@@ -132,3 +133,37 @@ def run_proxy_status(hub: Hub) -> str:
         [*hub_command(), "proxy-status", "--admin", f"{LOOPBACK}:{hub.http_port}"],
         capture_output=True, text=True, check=True, timeout=30,
     ).stdout  # fmt: skip
+
+
+def sidecar_egress(workload: str, port: int, namespace: str = "shop") -> str:
+    """Istio's Sidecar for ``workload``: its Envoy's egress listener on 127.0.0.1:``port``,
+    reaching every service of its namespace."""
+    return textwrap.dedent(
+        f"""\
+        apiVersion: networking.istio.io/v1
+        kind: Sidecar
+        metadata: {{name: {workload}, namespace: {namespace}}}
+        spec:
+          workloadSelector: {{labels: {{app: {workload}}}}}
+          egress:
+          - port: {{number: {port}, protocol: HTTP, name: http-egress}}
+            hosts: ["./*"]
+        """
+    )
+
+
+def sidecar_ingress(workload: str, port: int, app_port: int, namespace: str = "shop") -> str:
+    """Istio's Sidecar for ``workload``: its Envoy's inbound listener on 127.0.0.1:``port``,
+    forwarding to the application on 127.0.0.1:``app_port``."""
+    return textwrap.dedent(
+        f"""\
+        apiVersion: networking.istio.io/v1
+        kind: Sidecar
+        metadata: {{name: {workload}, namespace: {namespace}}}
+        spec:
+          workloadSelector: {{labels: {{app: {workload}}}}}
+          ingress:
+          - port: {{number: {port}, protocol: HTTP, name: http}}
+            defaultEndpoint: 127.0.0.1:{app_port}
+        """
+    )

@@ -18,7 +18,17 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Hub, ProcessGroup, Upstream, free_port, start_hub, start_upstream
-from tests.mesh import AdsEnvoy, node, run_proxy_status, start_ads_envoy, sync_of, syncz, until
+from tests.mesh import (
+    AdsEnvoy,
+    node,
+    run_proxy_status,
+    sidecar_egress,
+    sidecar_ingress,
+    start_ads_envoy,
+    sync_of,
+    syncz,
+    until,
+)
 
 REVIEWS = "reviews.shop.svc"
 POLL = ["--poll-interval", "0.1", "--log-level", "debug"]
@@ -42,19 +52,6 @@ class Mesh:
         response = envoy.get(self.egress[envoy.workload], REVIEWS, path, **headers)
         assert response.status == 200, (response.status, response.body[:300])
         return str(json.loads(response.body)["server"])
-
-
-def sidecar(workload: str, egress: int) -> str:
-    return f"""\
-        apiVersion: networking.istio.io/v1
-        kind: Sidecar
-        metadata: {{name: {workload}, namespace: shop}}
-        spec:
-          workloadSelector: {{labels: {{app: {workload}}}}}
-          egress:
-          - port: {{number: {egress}, protocol: HTTP, name: http-egress}}
-            hosts: ["./*"]
-        """
 
 
 def reviews(v1: Upstream, v2: Upstream) -> str:
@@ -106,7 +103,7 @@ def mesh(processes: ProcessGroup, tmp_path: Path) -> Mesh:
     v2 = start_upstream(processes, name="reviews-v2")
     egress = {"productpage": free_port(), "details": free_port()}
     for workload, port in egress.items():
-        (config / f"sidecar-{workload}.yaml").write_text(textwrap.dedent(sidecar(workload, port)))
+        (config / f"sidecar-{workload}.yaml").write_text(sidecar_egress(workload, port))
     (config / "reviews.yaml").write_text(textwrap.dedent(reviews(v1, v2)))
     (config / "routes.yaml").write_text(textwrap.dedent(routes(75)))
     hub = start_hub(processes, config, extra_args=POLL)
@@ -301,8 +298,6 @@ def test_a_service_behind_its_own_envoy_gets_the_hubs_policy(mesh: Mesh) -> None
           labels: {{app: ratings}}
           serviceAccount: ratings
         ---
-        {sidecar_ingress("ratings", inbound, app.port)}
-        ---
         apiVersion: security.istio.io/v1
         kind: AuthorizationPolicy
         metadata: {{name: no-admin, namespace: shop}}
@@ -312,6 +307,7 @@ def test_a_service_behind_its_own_envoy_gets_the_hubs_policy(mesh: Mesh) -> None
           rules: [{{to: [{{operation: {{paths: ["/admin*"]}}}}]}}]
         """,
     )
+    mesh.write("sidecar-ratings", sidecar_ingress("ratings", inbound, app.port))
     ratings = start_ads_envoy(mesh.group, mesh.hub, node("ratings"))
     client = start_ads_envoy(mesh.group, mesh.hub, node("productpage"))
     port = mesh.egress["productpage"]
@@ -323,21 +319,3 @@ def test_a_service_behind_its_own_envoy_gets_the_hubs_policy(mesh: Mesh) -> None
     assert denied.status == 403, denied
     assert "no-admin" in denied.headers.get("x-mixerhub-denied-by", ""), denied.headers
     assert ratings.stat(r"ext_authz\.denied$") >= 1
-
-
-def sidecar_ingress(workload: str, port: int, app_port: int) -> str:
-    return textwrap.indent(
-        textwrap.dedent(
-            f"""\
-            apiVersion: networking.istio.io/v1
-            kind: Sidecar
-            metadata: {{name: {workload}, namespace: shop}}
-            spec:
-              workloadSelector: {{labels: {{app: {workload}}}}}
-              ingress:
-              - port: {{number: {port}, protocol: HTTP, name: http}}
-                defaultEndpoint: 127.0.0.1:{app_port}
-            """
-        ),
-        " " * 8,
-    ).lstrip()

@@ -37,31 +37,24 @@ from tests.harness import (
     start_hub,
     start_upstream,
 )
-from tests.mesh import AdsEnvoy, node, start_ads_envoy, sync_of, until
+from tests.mesh import (
+    AdsEnvoy,
+    node,
+    sidecar_egress,
+    sidecar_ingress,
+    start_ads_envoy,
+    sync_of,
+    until,
+)
 
 RATINGS = "ratings.shop.svc"
 
 
 def mesh_config(inbound: int, app_port: int, egress: dict[str, int]) -> str:
-    sidecars = "".join(
-        textwrap.dedent(
-            f"""\
-            ---
-            apiVersion: networking.istio.io/v1
-            kind: Sidecar
-            metadata: {{name: {workload}, namespace: shop}}
-            spec:
-              workloadSelector: {{labels: {{app: {workload}}}}}
-              egress:
-              - port: {{number: {port}, protocol: HTTP, name: http-egress}}
-                hosts: ["./*"]
-            """
-        )
-        for workload, port in egress.items()
-    )
-    return (
-        textwrap.dedent(
-            f"""\
+    sidecars = [sidecar_ingress("ratings", inbound, app_port)]
+    sidecars += [sidecar_egress(workload, port) for workload, port in egress.items()]
+    return textwrap.dedent(
+        f"""\
         apiVersion: networking.istio.io/v1
         kind: ServiceEntry
         metadata: {{name: ratings, namespace: shop}}
@@ -87,15 +80,6 @@ def mesh_config(inbound: int, app_port: int, egress: dict[str, int]) -> str:
           host: {RATINGS}
           trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL}}}}
         ---
-        apiVersion: networking.istio.io/v1
-        kind: Sidecar
-        metadata: {{name: ratings, namespace: shop}}
-        spec:
-          workloadSelector: {{labels: {{app: ratings}}}}
-          ingress:
-          - port: {{number: {inbound}, protocol: HTTP, name: http}}
-            defaultEndpoint: 127.0.0.1:{app_port}
-        ---
         apiVersion: security.istio.io/v1
         kind: PeerAuthentication
         metadata: {{name: ratings, namespace: shop}}
@@ -112,9 +96,7 @@ def mesh_config(inbound: int, app_port: int, egress: dict[str, int]) -> str:
           rules:
           - from: [{{source: {{principals: ["cluster.local/ns/shop/sa/productpage"]}}}}]
         """
-        )
-        + sidecars
-    )
+    ) + "".join(f"---\n{sidecar}" for sidecar in sidecars)
 
 
 @dataclass

@@ -357,72 +357,6 @@ def _hosts(
     return username, password, tuple(hosts)
 
 
-class _Pipeline:
-    """Implicit pipelining, as envoyproxy/ratelimit's REDIS_PIPELINE_WINDOW: the decisions that
-    arrive in one turn of the event loop go to Redis as one pipeline of EVALSHAs, one per
-    decision, on one connection and in one round trip. Concurrent decisions then neither wait
-    for a connection each nor pay a round trip each, and a burst cannot exhaust the pool."""
-
-    def __init__(self, client: Client, limit: int = 256) -> None:
-        self.client = client
-        self.limit = limit
-        self.loaded = False
-        self._pending: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def evalsha(self, keys: list[str], args: list[str | int]) -> Any:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((keys, args, future))
-        if len(self._pending) == 1:
-            loop.call_soon(self._flush)
-        elif len(self._pending) >= self.limit:
-            self._flush()
-        return await future
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if batch:
-            task = asyncio.get_running_loop().create_task(self._send(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _send(
-        self, batch: list[tuple[list[str], list[str | int], asyncio.Future[Any]]]
-    ) -> None:
-        try:
-            if not self.loaded:
-                await self.client.script_load(SCRIPT)
-                self.loaded = True
-            results = await self._execute(batch)
-            if any(isinstance(r, NoScriptError) for r in results):
-                # Redis restarted or was flushed since the script was loaded: load it again.
-                await self.client.script_load(SCRIPT)
-                results = await self._execute(batch)
-        except BaseException as e:  # every decision of the batch hears of it
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(e if isinstance(e, Exception) else ConnectionError(e))
-            if not isinstance(e, Exception):
-                raise
-            return
-        for (_, _, future), result in zip(batch, results, strict=True):
-            if future.done():  # its decision timed out meanwhile
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-    async def _execute(
-        self, batch: list[tuple[list[str], list[str | int], asyncio.Future[Any]]]
-    ) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        for keys, args, _ in batch:
-            pipe.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
-        return list(await pipe.execute(raise_on_error=False))
-
-
 def _script_connection(client: Client, timeout: float) -> ScriptConnection | None:
     """A ScriptConnection to the same server as ``client``, when that is one server over plain
     TCP (redis:// URLs); None otherwise."""
@@ -445,8 +379,8 @@ def _script_connection(client: Client, timeout: float) -> ScriptConnection | Non
 
 
 class RedisBackend:
-    """The Backend protocol over Redis: one EVALSHA per decision (pipelined with the decisions
-    made at the same time), a local over-limit cache."""
+    """The Backend protocol over Redis: one EVALSHA per decision (on one server, pipelined with
+    the decisions made at the same time), a local over-limit cache."""
 
     def __init__(
         self,
@@ -468,11 +402,9 @@ class RedisBackend:
         self.backoff = backoff
         self.prefix = prefix
         self._clock = clock
-        # A single server over TCP: the script runs over a connection of our own (resp.py).
-        # redis-py's cluster pipelines refuse EVALSHA: a Cluster gets one call per decision.
+        # A single server over TCP: the script runs over a connection of our own (resp.py),
+        # pipelined. TLS, Sentinel and Cluster keep redis-py, one call per decision.
         self._script = _script_connection(client, timeout)
-        cluster = isinstance(client, RedisCluster)
-        self._pipeline = None if cluster or self._script is not None else _Pipeline(client)
         self._loaded = False
         self._down_until = 0.0
         # Redis key -> monotonic time until which nothing fits (enforced keys only).
@@ -550,8 +482,6 @@ class RedisBackend:
                 await self._script.call("SCRIPT", "LOAD", SCRIPT)
                 result = await self._script.call("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
             return list(result)
-        if self._pipeline is not None:
-            return list(await self._pipeline.evalsha(keys, args))
         if not self._loaded:
             await self.client.script_load(SCRIPT)
             self._loaded = True

@@ -8,7 +8,7 @@ import ipaddress
 import logging
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from mixerhub.store import documents
 from mixerhub.store.compile import Rejected, compile_snapshot
 from mixerhub.templates import LogEntryInstance
 from tests.fluentd_receiver import EventTime, FluentdReceiver
-from tests.harness import free_port
+from tests.harness import eventually, free_port
 
 AT = datetime.datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=datetime.UTC)
 AT_SECONDS = int(AT.timestamp())
@@ -66,14 +66,6 @@ def all_dropped() -> float:
     return sum(
         dropped(r) for r in ("queue_full", "send_failed", "shutdown", "too_large", "invalid")
     )
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

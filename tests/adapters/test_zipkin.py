@@ -9,8 +9,7 @@ import ipaddress
 import logging
 import random
 import textwrap
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from mixerhub.monitoring import REGISTRY
 from mixerhub.store import documents
 from mixerhub.store.compile import compile_snapshot
 from mixerhub.templates import TraceSpanInstance
-from tests.harness import free_port
+from tests.harness import eventually, free_port
 from tests.zipkin_receiver import ZipkinReceiver
 
 END = datetime.datetime(2006, 1, 2, 22, 4, 5, tzinfo=datetime.UTC)
@@ -132,14 +131,6 @@ def dropped(reason: str) -> float:
 
 def all_dropped() -> float:
     return sum(dropped(r) for r in ("queue_full", "send_failed", "shutdown"))
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
