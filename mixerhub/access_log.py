@@ -16,6 +16,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from prometheus_client import Counter
 
 from mixerhub.access_log_attributes import BagPlan, Reporter
+from mixerhub.access_log_dispatch import ReportPrograms
 from mixerhub.dispatcher import ReportDispatcher
 from mixerhub.monitoring import REGISTRY
 from mixerhub.snapshot import Snapshot
@@ -36,13 +37,15 @@ _HTTP, _TCP = ENTRIES.labels("http"), ENTRIES.labels("tcp")
 
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(self) -> None:
-        self.reports: ReportDispatcher | None = None
-        self.plan = BagPlan(frozenset())
+        self.programs: ReportPrograms | None = None
 
     def activate(self, snapshot: Snapshot) -> None:
         """A new snapshot: the next batch of every stream goes through its rules."""
-        self.plan = BagPlan(snapshot.referenced)
-        self.reports = ReportDispatcher(snapshot)
+        reports = ReportDispatcher(snapshot)
+        plan = BagPlan(snapshot.referenced)
+        self.programs = (
+            None if reports.empty else ReportPrograms(reports, plan, snapshot.attributes)
+        )
 
     async def StreamAccessLogs(
         self,
@@ -59,22 +62,18 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
 
     def ingest(self, message: als_pb2.StreamAccessLogsMessage, reporter: Reporter) -> int:
         """One message's entries through the report rules; returns instances dispatched."""
-        reports, plan = self.reports, self.plan
+        programs = self.programs
         if message.HasField("http_logs"):
             entries = message.http_logs.log_entry
             _HTTP.inc(len(entries))
-            if reports is None or reports.empty:
-                return 0
-            extract = plan.http_for(reporter)
-            bags = [extract(e, reporter) for e in entries]
+            kind = "http"
         elif message.HasField("tcp_logs"):
             entries = message.tcp_logs.log_entry
             _TCP.inc(len(entries))
-            if reports is None or reports.empty:
-                return 0
-            extract = plan.tcp_for(reporter)
-            bags = [extract(e, reporter) for e in entries]
+            kind = "tcp"
         else:
             return 0
+        if programs is None:
+            return 0
         # Reports are scoped like Mixer's: by the namespace of the workload that reported.
-        return reports.report(bags, reporter.namespace)
+        return programs.dispatch(kind, entries, reporter)

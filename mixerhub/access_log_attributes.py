@@ -10,6 +10,7 @@ reports the source side.
 from __future__ import annotations
 
 import datetime
+import functools
 import linecache
 import re
 from collections.abc import Callable, Mapping
@@ -131,7 +132,7 @@ class Sided(NamedTuple):
 
 
 class Snippet(NamedTuple):
-    """An attribute as Python source over the locals in _LOCALS (and ``entry``, ``reporter``).
+    """An attribute as Python source over the locals in LOCALS (and ``entry``, ``reporter``).
     ``absent``: whether it may be ABSENT, and so must be tested before it goes in the bag."""
 
     code: str
@@ -140,14 +141,15 @@ class Snippet(NamedTuple):
 
 
 # Locals the generated extraction computes at most once per entry, each from those it needs.
-_LOCALS: Mapping[str, Snippet] = {
+LOCALS: Mapping[str, Snippet] = {
     "common": Snippet("entry.common_properties"),
     "request": Snippet("entry.request"),
     "response": Snippet("entry.response"),
     "conn": Snippet("entry.connection_properties"),
     "tls": Snippet("common.tls_properties", ("common",)),
-    "peer": Snippet("_san(tls.peer_certificate_properties)", ("tls",)),
-    "local": Snippet("_san(tls.local_certificate_properties)", ("tls",)),
+    "peer": Snippet("_peer_of(tls)", ("tls",)),
+    "local": Snippet("_local_of(tls)", ("tls",)),
+    "peer_namespace": Snippet("namespace_of(peer)", ("peer",)),
     "start": Snippet("_start_of(common)", ("common",)),
     "elapsed": Snippet("_elapsed_of(common)", ("common",)),
     "end": Snippet(
@@ -181,8 +183,8 @@ COMMON_CODE: Mapping[str, Snippet | Sided] = {
     "source.principal": _sided("peer", "local", ("peer", "local")),
     "source.user": _sided("peer", "local", ("peer", "local")),
     "destination.principal": _sided("local", "peer", ("peer", "local")),
-    "source.namespace": _sided("namespace_of(peer)", _R_NAMESPACE, ("peer",)),
-    "source.workload.namespace": _sided("namespace_of(peer)", _R_NAMESPACE, ("peer",)),
+    "source.namespace": _sided("peer_namespace", _R_NAMESPACE, ("peer_namespace",)),
+    "source.workload.namespace": _sided("peer_namespace", _R_NAMESPACE, ("peer_namespace",)),
     "source.workload.name": _sided("ABSENT", _R_NAME),
     "source.name": _sided("ABSENT", _R_NAME),
     "source.labels": _sided("ABSENT", _R_LABELS),
@@ -270,7 +272,7 @@ def _plan_source(
     def define(name: str) -> None:
         if name in defined:
             return
-        snippet = _LOCALS[name]
+        snippet = LOCALS[name]
         for need in snippet.needs:
             define(need)
         defined.add(name)
@@ -306,19 +308,37 @@ def _compile_plan(
     kind: str, source: str, extractors: Mapping[str, Extractor]
 ) -> Callable[[Any, Reporter], dict[str, Any]]:
     filename = f"<{kind} access-log attributes>"
-    namespace: dict[str, Any] = {
-        "ABSENT": ABSENT, "EntryContext": EntryContext, "extractors": extractors,
-        "_ip": _ip, "_port": _port, "_san": _san, "_start_of": _start_of,
-        "_elapsed_of": _elapsed_of, "_host_of": _host_of, "namespace_of": namespace_of,
-        "_flags_of": _flags_of, "_protocol_of": _protocol_of, "_METHODS": _METHODS,
-        "_url_path_of": _url_path_of, "_headers_of": _headers_of,
-        "_grpc_status_of": _grpc_status_of, "_service_name": _service_name, "_map": _map,
-    }  # fmt: skip
+    namespace = plan_namespace(extractors)
     exec(compile(source, filename, "exec"), namespace)
     # Tracebacks show the generated lines; the source is also kept on the plan.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     function: ExtractBag = namespace[kind]
     return function
+
+
+def plan_namespace(extractors: Mapping[str, Extractor]) -> dict[str, Any]:
+    """The globals generated extraction code runs with: the helpers its snippets call."""
+    return {
+        "ABSENT": ABSENT, "EntryContext": EntryContext, "extractors": extractors,
+        "_ip": _ip, "_port": _port, "_peer_of": _peer_of, "_local_of": _local_of,
+        "_start_of": _start_of,
+        "_elapsed_of": _elapsed_of, "_host_of": _host_of, "namespace_of": namespace_of,
+        "_flags_of": _flags_of, "_protocol_of": _protocol_of, "_METHODS": _METHODS,
+        "_url_path_of": _url_path_of, "_headers_of": _headers_of,
+        "_grpc_status_of": _grpc_status_of, "_service_name": _service_name, "_map": _map,
+        "_header": request_header,
+    }  # fmt: skip
+
+
+def attribute_snippet(kind: str, name: str, inbound: bool) -> Snippet | None:
+    """How generated code computes attribute ``name`` of an entry of ``kind`` ("http" or
+    "tcp") for one reporter side: a snippet over LOCALS, ``entry`` and ``reporter`` (its code is
+    "ABSENT" when the attribute is never present on that side); None when only its extractor
+    computes it."""
+    snippet = (HTTP_CODE if kind == "http" else TCP_CODE).get(name)
+    if isinstance(snippet, Sided):
+        return snippet.inbound if inbound else snippet.outbound
+    return snippet
 
 
 def _ip(address: address_pb2.Address) -> Any:
@@ -360,6 +380,19 @@ def _elapsed_of(common: Any) -> Any:
 def _end(c: EntryContext) -> Any:
     start, elapsed = _start(c), _elapsed(c)
     return ABSENT if start is ABSENT or elapsed is ABSENT else start + elapsed
+
+
+def _peer_of(tls: Any) -> Any:
+    # Reading a sub-message that is not set costs more than asking whether it is.
+    if tls.HasField("peer_certificate_properties"):
+        return _san(tls.peer_certificate_properties)
+    return ABSENT
+
+
+def _local_of(tls: Any) -> Any:
+    if tls.HasField("local_certificate_properties"):
+        return _san(tls.local_certificate_properties)
+    return ABSENT
 
 
 def _san(properties: Any) -> Any:
@@ -450,6 +483,7 @@ def _host_of(authority: str) -> Any:
     return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
 
 
+@functools.lru_cache(maxsize=4096)
 def _service_name(host: Any) -> Any:
     """reviews.shop.svc.cluster.local -> reviews; an address names no service."""
     if host is ABSENT or parse_ip(host.strip("[]")) is not ABSENT:
@@ -505,6 +539,27 @@ def _headers_of(request: Any) -> dict[str, str]:
     if request.request_method:
         headers.setdefault(":method", _METHODS.get(request.request_method, ""))
     return headers
+
+
+# The request fields Envoy logs on their own, which _headers_of also shows as headers.
+_HEADER_FIELDS: Mapping[str, Callable[[Any], str]] = {
+    ":authority": lambda r: r.authority, ":path": lambda r: r.path,
+    "user-agent": lambda r: r.user_agent, "referer": lambda r: r.referer,
+    "x-request-id": lambda r: r.request_id, "x-forwarded-for": lambda r: r.forwarded_for,
+}  # fmt: skip
+
+
+def request_header(request: Any, name: str, default: Any) -> Any:
+    """``_headers_of(request).get(name, default)``, without building the headers."""
+    value = request.request_headers.get(name)
+    if value is not None:
+        return value
+    field = _HEADER_FIELDS.get(name)
+    if field is not None:
+        return field(request) or default
+    if name == ":method" and request.request_method:
+        return _METHODS.get(request.request_method, "")
+    return default
 
 
 def _side(inbound: Extractor, outbound: Extractor) -> Extractor:

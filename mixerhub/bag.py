@@ -84,8 +84,10 @@ def principal(spiffe: str) -> Any:
     return spiffe.removeprefix("spiffe://") if spiffe else ABSENT
 
 
+@functools.lru_cache(maxsize=4096)
 def namespace_of(principal: Any) -> Any:
-    """The namespace a principal names (td/ns/<ns>/sa/<sa>), or ABSENT."""
+    """The namespace a principal names (td/ns/<ns>/sa/<sa>), or ABSENT. Cached: the same few
+    principals come back request after request."""
     if principal is ABSENT:
         return ABSENT
     parts = principal.split("/")

@@ -358,43 +358,56 @@ class ReportDispatcher:
             if preprocessor is not None:
                 preprocessor.generate(bag, namespace)
             for route in routes:
-                if not _matches(route.rule, bag):
-                    continue
-                if route.generated is not None:
-                    try:
-                        built = route.generated.function(bag)
-                    except EvaluationError:
-                        pass  # the instances' own builders below skip only the failing ones
-                    else:
-                        for call, instance in zip(route.calls, built, strict=True):
-                            batch = batches.get(call.method)
-                            if batch is None:
-                                batches[call.method] = (call, [instance])
-                            else:
-                                batch[1].append(instance)
-                        continue
-                for call in route.calls:
-                    try:
-                        instance = call.instance.build(bag)
-                    except EvaluationError as e:
-                        # Mixer: an instance that cannot be built is skipped and counted.
-                        ADAPTER_ERRORS.labels(call.adapter).inc()
-                        log.debug("instance %s: %s", call.instance.name, e)
-                        continue
-                    batch = batches.get(call.method)
-                    if batch is None:
-                        batches[call.method] = (call, [instance])
-                    else:
-                        batch[1].append(instance)
-        dispatched = 0
-        for call, instances in batches.values():
-            dispatched += len(instances)
-            try:
-                call.method(instances)
-            except Exception:  # an adapter that broke its word must not break ingestion
-                ADAPTER_ERRORS.labels(call.adapter).inc()
-                log.exception("handler %s failed", call.handler)
-        return dispatched
+                apply_route(route, bag, batches)
+        return hand_over(batches.values())
+
+
+def apply_route(route: ReportRoute, bag: Bag, batches: dict[Any, tuple[Call, list[Any]]]) -> None:
+    """One rule on one bag: when its match holds, its instances go into ``batches`` (one list
+    per handler method). An instance that cannot be built is skipped and counted, as in Mixer."""
+    if not _matches(route.rule, bag):
+        return
+    if route.generated is not None:
+        try:
+            built = route.generated.function(bag)
+        except EvaluationError:
+            pass  # the instances' own builders below skip only the failing ones
+        else:
+            for call, instance in zip(route.calls, built, strict=True):
+                batch = batches.get(call.method)
+                if batch is None:
+                    batches[call.method] = (call, [instance])
+                else:
+                    batch[1].append(instance)
+            return
+    for call in route.calls:
+        try:
+            instance = call.instance.build(bag)
+        except EvaluationError as e:
+            ADAPTER_ERRORS.labels(call.adapter).inc()
+            log.debug("instance %s: %s", call.instance.name, e)
+            continue
+        batch = batches.get(call.method)
+        if batch is None:
+            batches[call.method] = (call, [instance])
+        else:
+            batch[1].append(instance)
+
+
+def hand_over(batches: Iterable[tuple[Call, list[Any]]]) -> int:
+    """Each handler method gets its batch in one call; returns how many instances went out.
+    Never raises: an adapter that broke its word must not break ingestion."""
+    dispatched = 0
+    for call, instances in batches:
+        if not instances:
+            continue
+        dispatched += len(instances)
+        try:
+            call.method(instances)
+        except Exception:
+            ADAPTER_ERRORS.labels(call.adapter).inc()
+            log.exception("handler %s failed", call.handler)
+    return dispatched
 
 
 # --- preprocessing: attribute generators ------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -77,7 +78,6 @@ class PrometheusHandler(Handler):
                     _label_getter(
                         family.label_names,
                         _not_strings(instances.get(m.instance_name), family.label_names),
-                        family.name,
                     ),
                     _DURATION_SCALE[m.duration_unit],
                 )
@@ -94,18 +94,30 @@ class PrometheusHandler(Handler):
         routes = self._routes
         failed = 0
         first_error = ""
+        # Instances built by one rule from one entry share their dimensions (Istio's four HTTP
+        # metrics do), and metrics with the same labels share their getter: the label values
+        # of such a run are read once.
+        last_dimensions: object = None
+        last_getter: object = None
+        labels: LabelValues = ()
         for instance in instances:
             targets = routes.get(instance.name)
             if targets is None:
                 failed += 1
                 first_error = first_error or f"no metric is configured for {instance.name}"
                 continue
+            dimensions = instance.dimensions
             for target in targets:
                 try:
                     value = instance.value
                     if type(value) is not int and type(value) is not float:
                         value = _number(value, target.duration_scale)
-                    target.record(target.labels(instance.dimensions), value, now)
+                    getter = target.labels
+                    if dimensions is not last_dimensions or getter is not last_getter:
+                        last_dimensions, last_getter = None, None  # until it has succeeded
+                        labels = getter(dimensions)
+                        last_dimensions, last_getter = dimensions, getter
+                    target.record(labels, value, now)
                 except (KeyError, TypeError, ValueError, OverflowError) as e:
                     failed += 1
                     first_error = first_error or f"{instance.name}: {_reason(e)}"
@@ -149,19 +161,22 @@ def _definition(m: MetricInfo) -> Definition:
     return Definition(name, m.kind, tuple(m.label_names), bounds, help_text)
 
 
+@functools.lru_cache(maxsize=1024)
 def _label_getter(
-    names: tuple[str, ...], convert: tuple[int, ...], metric: str
+    names: tuple[str, ...], convert: tuple[int, ...]
 ) -> Callable[[Mapping[str, Any]], LabelValues]:
     """A generated function: the dimensions in label order as one tuple display, with only the
     dimensions that may not be strings passed through label_text (a string is its own text).
-    One call per instance and metric, where a generic loop cost a call per label."""
+    One call per instance and metric, where a generic loop cost a call per label. Metrics with
+    the same labels share one."""
+    metric = ",".join(names)[:80]
     items = []
     for i, name in enumerate(names):
         item = f"d[{name!r}]"
         items.append(f"_text({item})" if i in convert else item)
     source = f"def labels(d):\n    return ({', '.join(items)}{',' if len(items) == 1 else ''})\n"
     namespace: dict[str, Any] = {"_text": _text}
-    exec(compile(source, f"<prometheus labels of {metric}>", "exec"), namespace)
+    exec(compile(source, f"<prometheus labels {metric}>", "exec"), namespace)
     function: Callable[[Mapping[str, Any]], LabelValues] = namespace["labels"]
     return function
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import ipaddress
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +17,7 @@ from mixerhub.attributes import format_go_duration, format_value
 from mixerhub.templates import LogEntryInstance, MetricInstance
 
 from .config import Level, StdioParams
-from .writer import LineWriter, RotatingFile
+from .writer import LineWriter, RotatingFile, Stream, binary
 
 # orjson writes timestamps in RFC 3339 itself (UTC as "Z"); format_value handles the rest
 # (durations in Go's notation, IPs as text) without a pass over every value first.
@@ -26,10 +27,13 @@ _JSON = orjson.OPT_UTC_Z
 _JSON_ANY_KEYS = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
 # The values every access-log line has that orjson does not know, by exact type: a dict lookup
 # instead of format_value's chain of isinstance checks. format_value does the same for them.
+# An address's text is cached: the same few peers come back line after line, and ipaddress
+# builds the text anew each time.
+_ip_text = functools.lru_cache(maxsize=4096)(str)
 _BY_TYPE: Mapping[type, Callable[[Any], object]] = {
     datetime.timedelta: format_go_duration,
-    ipaddress.IPv4Address: str,
-    ipaddress.IPv6Address: str,
+    ipaddress.IPv4Address: _ip_text,
+    ipaddress.IPv6Address: _ip_text,
 }
 
 
@@ -38,12 +42,15 @@ def _default(value: object) -> object:
     return convert(value) if convert is not None else format_value(value)
 
 
-def _dumps(record: dict[str, Any]) -> str:
+def _dumps(record: dict[str, Any]) -> bytes:
     try:
-        return orjson.dumps(record, default=_default, option=_JSON).decode()
+        return orjson.dumps(record, default=_default, option=_JSON)
     except orjson.JSONEncodeError:
-        return orjson.dumps(record, default=_default, option=_JSON_ANY_KEYS).decode()
+        return orjson.dumps(record, default=_default, option=_JSON_ANY_KEYS)
 
+
+# The start and the end of a line's head, by level and instance name.
+_HEADS: dict[tuple[str, str], tuple[bytes, bytes]] = {}
 
 _RANK: Mapping[str, int] = {"INFO": 0, "WARNING": 1, "ERROR": 2}
 _NAME: Mapping[str, str] = {"INFO": "info", "WARNING": "warn", "ERROR": "error"}
@@ -61,7 +68,7 @@ class StdioHandler(Handler):
         open_stream, rotate = self._stream()
         self._writer = LineWriter(open_stream, params.queue_size, self._dropped, rotate)
 
-    def _stream(self) -> tuple[Callable[[], IO[str]], Callable[[IO[str]], IO[str]] | None]:
+    def _stream(self) -> tuple[Callable[[], Stream], Callable[[Stream], Stream] | None]:
         p = self.params
         if p.output_path:
             f = RotatingFile(
@@ -72,7 +79,7 @@ class StdioHandler(Handler):
             )
             return f.open, f.rotate
         stream: IO[str] = sys.stdout if p.log_stream == "STDOUT" else sys.stderr
-        return (lambda: stream), None
+        return (lambda: binary(stream)), None
 
     def _dropped(self, n: int) -> None:
         self.env.count_dropped("queue_full", n)
@@ -100,14 +107,32 @@ class StdioHandler(Handler):
 
     def _line(
         self, level: Level, at: datetime.datetime | None, instance: str, fields: dict[str, Any]
-    ) -> str:
+    ) -> bytes:
         when = at or datetime.datetime.now(datetime.UTC)
-        if self.params.output_as_json:
-            return _dumps({"level": _NAME[level], "time": when, "instance": instance, **fields})
-        text = _dumps(fields)
-        return f"{format_value(when)}\t{_NAME[level]}\t{instance}\t{text}"
+        body = _dumps(fields)
+        if not self.params.output_as_json:
+            return b"%s\t%s\t%s\t%s" % (
+                str(format_value(when)).encode(),
+                _NAME[level].encode(),
+                instance.encode(),
+                body,
+            )
+        # Mixer's line is {"level", "time", "instance", then the fields}: written as a head
+        # before the fields' own JSON, rather than by copying every field into a new dict.
+        head = _HEADS.get((level, instance))
+        if head is None:
+            if len(_HEADS) >= 1024:
+                _HEADS.clear()
+            head = _HEADS[level, instance] = (
+                b'{"level":%s,"time":' % orjson.dumps(_NAME[level]),
+                b',"instance":%s' % orjson.dumps(instance),
+            )
+        time_text = orjson.dumps(when, option=_JSON)
+        if body == b"{}":
+            return b"%s%s%s}" % (head[0], time_text, head[1])
+        return b"%s%s%s,%s" % (head[0], time_text, head[1], body[1:])
 
-    def _write(self, lines: list[str]) -> ExportResult:
+    def _write(self, lines: list[bytes]) -> ExportResult:
         if not lines:
             return ExportResult.SUCCESS
         return ExportResult.FAILURE if self._writer.write(lines) else ExportResult.SUCCESS

@@ -2,32 +2,59 @@
 
 Writing to stdout or a file can block (a full pipe, a slow disk); report handling must not, so
 lines are queued and a dedicated thread writes them. When the queue is full, lines are dropped
-and counted rather than held without bound. A batch of lines is queued under one lock and wakes
-the thread once: a queue.Queue would take its lock and notify once per line, which on the report
-path cost as much as formatting the line.
+and counted rather than held without bound. Lines are bytes (orjson's output, never decoded and
+encoded again) and a handler's batch is queued whole, under one lock, waking the thread once;
+the thread takes everything queued at once and writes it with one call. Every Python step the
+thread takes competes with the event loop for the GIL, so it takes as few as it can.
 """
 
 from __future__ import annotations
 
-import collections
+import io
 import os
 import threading
 import time
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Any
 
-_BATCH = 512  # lines per write call at most, so a size-limited file rotates close to its limit
+Stream = IO[bytes]
+
+
+def binary(stream: IO[str] | IO[bytes]) -> Stream:
+    """The byte stream below a text stream such as sys.stdout; what the text layer holds is
+    flushed first, so lines written either way keep their order."""
+    buffer = getattr(stream, "buffer", None)
+    if buffer is not None:
+        stream.flush()
+        return buffer  # type: ignore[no-any-return]
+    if isinstance(stream, io.TextIOBase):
+        return _Encoding(stream)  # type: ignore[return-value]  # io.StringIO, for one
+    return stream  # type: ignore[return-value]
+
+
+class _Encoding:
+    """Bytes written to a text stream that has no byte stream below it."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, data: bytes) -> int:
+        return int(self._stream.write(data.decode("utf-8")))
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 class LineWriter:
     def __init__(
         self,
-        open_stream: Callable[[], IO[str]],
+        open_stream: Callable[[], Stream],
         capacity: int,
         on_drop: Callable[[int], None],
-        rotate: Callable[[IO[str]], IO[str]] | None = None,
+        rotate: Callable[[Stream], Stream] | None = None,
     ) -> None:
-        self._lines: collections.deque[str] = collections.deque()
+        self._batches: list[list[bytes]] = []
+        self._queued = 0  # lines in _batches
         self._capacity = capacity
         self._ready = threading.Condition(threading.Lock())
         self._stopping = False
@@ -37,13 +64,15 @@ class LineWriter:
         self._thread = threading.Thread(target=self._run, name="stdio-writer", daemon=True)
         self._thread.start()
 
-    def write(self, lines: list[str]) -> int:
-        """Queue lines; returns how many were dropped because the queue was full."""
+    def write(self, lines: list[bytes]) -> int:
+        """Queue lines (without their newlines); returns how many were dropped because the
+        queue was full."""
         with self._ready:
-            room = self._capacity - len(self._lines)
+            room = self._capacity - self._queued
             taken = lines if len(lines) <= room else lines[: max(room, 0)]
             if taken:
-                self._lines.extend(taken)
+                self._batches.append(taken)
+                self._queued += len(taken)
                 self._ready.notify()
         dropped = len(lines) - len(taken)
         if dropped:
@@ -59,34 +88,34 @@ class LineWriter:
 
     def _run(self) -> None:
         stream = self._open()
-        lines_queued = self._lines
         try:
             while True:
                 with self._ready:
-                    while not lines_queued and not self._stopping:
+                    while not self._batches and not self._stopping:
                         self._ready.wait()
-                    # What has piled up goes out in one call; a close drains the queue first.
-                    n = min(len(lines_queued), _BATCH)
-                    lines = [lines_queued.popleft() for _ in range(n)]
-                    stop = self._stopping and not lines_queued
-                if lines:
+                    # Everything queued goes out now; a close drains the queue first.
+                    batches, self._batches, self._queued = self._batches, [], 0
+                    stop = self._stopping
+                if batches:
                     try:
-                        stream = self._emit(stream, lines)
-                    except (OSError, ValueError):  # a closed or broken stream: count, keep draining
-                        self._on_drop(len(lines))
+                        stream = self._emit(stream, batches)
+                    except (OSError, ValueError):  # a closed or broken stream: count, keep going
+                        self._on_drop(sum(len(b) for b in batches))
                 if stop:
                     return
         finally:
             if self._rotate is not None:  # a file of its own; stdout and stderr stay open
                 stream.close()
 
-    def _emit(self, stream: IO[str], lines: list[str]) -> IO[str]:
+    def _emit(self, stream: Stream, batches: list[list[bytes]]) -> Stream:
         if self._rotate is None:
-            stream.write("".join(f"{line}\n" for line in lines))
+            lines = batches[0] if len(batches) == 1 else [x for b in batches for x in b]
+            stream.write(b"\n".join(lines) + b"\n")
         else:  # a size limit holds line by line, not batch by batch
-            for line in lines:
-                stream.write(f"{line}\n")
-                stream = self._rotate(stream)
+            for batch in batches:
+                for line in batch:
+                    stream.write(line + b"\n")
+                    stream = self._rotate(stream)
         stream.flush()
         return stream
 
@@ -103,11 +132,11 @@ class RotatingFile:
         )
         self._opened = 0.0
 
-    def open(self) -> IO[str]:
+    def open(self) -> Stream:
         self._opened = time.time()
-        return open(self.path, "a", encoding="utf-8")
+        return open(self.path, "ab")
 
-    def rotate(self, stream: IO[str]) -> IO[str]:
+    def rotate(self, stream: Stream) -> Stream:
         too_big = self.max_bytes and stream.tell() >= self.max_bytes
         too_old = self.max_age and time.time() - self._opened >= self.max_age
         if not (too_big or too_old):

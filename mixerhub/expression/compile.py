@@ -58,7 +58,7 @@ def compile_expression(
                 )
             tree = converted
         tree = fold(tree, source)
-        generator = _Generator(source)
+        generator = Generator(source)
         python = generator.function(tree)
         code = compile(python, f"<expression {source[:60]!r}>", "exec")
     except (RecursionError, SyntaxError, MemoryError):
@@ -72,6 +72,30 @@ def compile_expression(
         referenced=frozenset(_attribute_names(tree)),
         evaluate=namespace["_expr"],
     )
+
+
+def inline_code(
+    generator: Generator,
+    source: str,
+    attributes: Mapping[str, ValueType],
+    expected: ValueType | None,
+) -> tuple[str, frozenset[str]] | None:
+    """``source`` as one Python expression in ``generator``'s terms, compiled as
+    compile_expression compiles it, with the attributes it reads; None when it cannot be (the
+    caller calls the compiled function instead). The code raises KeyError for a missing
+    attribute and EvaluationError or another exception when evaluation fails."""
+    try:
+        generator.source = source
+        tree = check(parse(source), attributes, source)
+        if expected is not None and expected is not ValueType.VALUE_TYPE_UNSPECIFIED:
+            converted = coerce(tree, expected)
+            if converted is None:
+                return None
+            tree = converted
+        tree = fold(tree, source)
+        return generator.strict(tree), frozenset(_attribute_names(tree))
+    except (ExpressionError, RecursionError):
+        return None
 
 
 def _attribute_names(node: typed.Node) -> Iterator[str]:
@@ -133,9 +157,10 @@ _INT64 = ValueType.INT64
 _WRAP = "((({}) + 9223372036854775808) & 18446744073709551615) - 9223372036854775808"
 
 
-class _Generator:
+class Generator:
     """Typed tree to the text of ``def _expr(bag)``; helpers and non-literal constants go into
-    ``namespace``, the generated function's globals."""
+    ``namespace``, the generated function's globals. A subclass may read attributes from
+    somewhere other than ``bag`` (see ``attribute`` and ``attribute_present``)."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -179,13 +204,21 @@ class _Generator:
         self.namespace[name] = function
         return name
 
+    def attribute(self, name: str) -> str:
+        """Code reading attribute ``name``, raising KeyError when it is absent."""
+        return f"bag[{name!r}]"
+
+    def attribute_present(self, name: str, out: str) -> str:
+        """A condition true when attribute ``name`` is present, having stored it in ``out``."""
+        return f"({out} := bag.get({name!r}, _M)) is not _M"
+
     def strict(self, node: typed.Node) -> str:
         """Code that evaluates ``node``, raising KeyError for a missing attribute."""
         match node:
             case typed.Const():
                 return self.constant(node.value)
             case typed.Attribute():
-                return f"bag[{node.name!r}]"
+                return self.attribute(node.name)
             case typed.Lookup():
                 # Mixer's NLookup: a missing key reads as "".
                 return f"{self.strict(node.map)}.get({self.strict(node.key)}, '')"
@@ -230,7 +263,7 @@ class _Generator:
         None when ``node`` cannot be absent (see fold.nillable)."""
         match node:
             case typed.Attribute():
-                return f"({out} := bag.get({node.name!r}, _M)) is not _M"
+                return self.attribute_present(node.name, out)
             case typed.Lookup():
                 # Mixer's TLookup: the map and the key may each be absent, and so may the entry.
                 conditions: list[str | None] = []

@@ -18,10 +18,7 @@ from pydantic import Field
 from mixerhub.adapter import InstanceSpec
 from mixerhub.attributes import ValueType
 from mixerhub.expression import Expression, ExpressionError, compile_expression
-from mixerhub.expression.check import check, coerce
-from mixerhub.expression.compile import _Generator
-from mixerhub.expression.fold import fold
-from mixerhub.expression.parse import parse
+from mixerhub.expression.compile import Generator, inline_code
 from mixerhub.snapshot import (
     AttributeBinding,
     BuiltHandler,
@@ -439,21 +436,43 @@ class InstanceBuilder:
 _MISSING = object()
 
 
-def _inline_code(generator: _Generator, inline: InlineSource) -> str | None:
-    """The expression as one Python expression over ``bag``, compiled as compile_expression
-    compiles it; None when it cannot be (the caller calls the compiled function instead)."""
-    try:
-        generator.source = inline.source
-        tree = check(parse(inline.source), inline.attributes, inline.source)
-        expected = inline.expected
-        if expected is not None and expected is not ValueType.VALUE_TYPE_UNSPECIFIED:
-            converted = coerce(tree, expected)
-            if converted is None:
-                return None
-            tree = converted
-        return generator.strict(fold(tree, inline.source))
-    except (ExpressionError, RecursionError):
-        return None
+def _inline_code(generator: Generator, inline: InlineSource) -> str | None:
+    """The expression as one Python expression over ``bag``; None when it cannot be."""
+    inlined = inline_code(generator, inline.source, inline.attributes, inline.expected)
+    return inlined[0] if inlined is not None else None
+
+
+class InstanceCode:
+    """The code constructing instances from the locals their field expressions were evaluated
+    into (``local``: compiled expression -> local name). A map field equal to one already
+    built (Istio's four HTTP metrics share their 21 dimensions) is built once, in ``prelude``,
+    and the instances share it: instances are read-only to handlers."""
+
+    def __init__(
+        self, namespace: dict[str, Any], local: Mapping[Evaluator, str], prefix: str = "m"
+    ) -> None:
+        self.namespace, self.local, self.prefix = namespace, local, prefix
+        self.prelude: list[str] = []
+        self._classes: dict[type[Any], str] = {}
+        self._maps: dict[str, str] = {}
+
+    def instance(self, message: MessageBuilder, instance_name: str) -> str:
+        cls = self._classes.get(message.cls)
+        if cls is None:
+            cls = self._classes[message.cls] = f"{message.cls.__name__}_{len(self._classes)}"
+            self.namespace[cls] = message.cls
+        local = self.local
+        args = [repr(instance_name)] if message.named else []
+        args += [f"{f}={local[ev]}" for f, ev in message.scalars]
+        for f, entries in message.maps:
+            items = "{" + ", ".join(f"{k!r}: {local[ev]}" for k, ev in entries) + "}"
+            shared = self._maps.get(items)
+            if shared is None:
+                shared = self._maps[items] = f"{self.prefix}{len(self._maps)}"
+                self.prelude.append(f"{shared} = {items}")
+            args.append(f"{f}={shared}")
+        args += [f"{f}={self.instance(sub, instance_name)}" for f, sub in message.messages]
+        return f"{cls}({', '.join(args)})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,7 +498,7 @@ def report_builder(label: str, builds: Sequence[object]) -> GeneratedBuild | Non
     instances = [b for b in builds if isinstance(b, InstanceBuilder)]
     # One code generator for every expression: its temporaries and constants get names unique
     # across them, and its namespace (helpers, constants) is the generated function's globals.
-    generator = _Generator(label)
+    generator = Generator(label)
     namespace = generator.namespace
     local: dict[Evaluator, str] = {}  # one local per distinct compiled expression
     lines = [f"def build(bag):  # {label}", "    try:"]
@@ -501,23 +520,11 @@ def report_builder(label: str, builds: Sequence[object]) -> GeneratedBuild | Non
         "    except Exception as e:  # a missing attribute (KeyError) too: the caller falls back",
         "        raise _evaluation_failed(e) from e",
     ]
-    classes: dict[type[Any], str] = {}
-
-    def construct(message: MessageBuilder, instance_name: str) -> str:
-        cls = classes.get(message.cls)
-        if cls is None:
-            cls = classes[message.cls] = f"{message.cls.__name__}_{len(classes)}"
-            namespace[cls] = message.cls
-        args = [repr(instance_name)] if message.named else []
-        args += [f"{f}={local[ev]}" for f, ev in message.scalars]
-        for f, entries in message.maps:
-            items = ", ".join(f"{k!r}: {local[ev]}" for k, ev in entries)
-            args.append(f"{f}={{{items}}}")
-        args += [f"{f}={construct(sub, instance_name)}" for f, sub in message.messages]
-        return f"{cls}({', '.join(args)})"
-
+    construction = InstanceCode(namespace, local)
+    built = [construction.instance(i.message, i.name) for i in instances]
+    lines += [f"    {line}" for line in construction.prelude]
     lines.append("    return (")
-    lines += [f"        {construct(i.message, i.name)}," for i in instances]
+    lines += [f"        {code}," for code in built]
     lines.append("    )")
     source = "\n".join(lines) + "\n"
     filename = f"<report {label}>"

@@ -273,6 +273,41 @@ async def test_bad_values_are_counted_and_skipped_never_raised(reg: CollectorReg
     await h.close()
 
 
+async def test_instances_sharing_their_dimensions_get_each_metrics_labels(
+    reg: CollectorRegistry,
+) -> None:
+    """A rule's instances share one dimensions dict (Istio's four HTTP metrics do): each metric
+    still reads its own labels, and a missing one fails that metric alone."""
+    h = handler(
+        reg,
+        metric("a", "a.instance.default", "COUNTER", "code", "path"),
+        metric("b", "b.instance.default", "COUNTER", "code", "path"),
+        metric("c", "c.instance.default", "COUNTER", "path"),
+        metric("d", "d.instance.default", "COUNTER", "method"),
+    )
+    shared = {"code": 200, "path": "/x"}
+    other = {"code": 404, "path": "/y"}
+    before = errors_count()
+    h.handle_metric(
+        [
+            MetricInstance("a.instance.default", 1, shared),
+            MetricInstance("b.instance.default", 2, shared),
+            MetricInstance("c.instance.default", 3, shared),
+            MetricInstance("d.instance.default", 4, shared),  # no "method": skipped
+            MetricInstance("a.instance.default", 5, shared),
+            MetricInstance("a.instance.default", 6, other),
+            MetricInstance("b.instance.default", 7, other),
+        ]
+    )
+    assert errors_count() - before == 1
+    assert reg.get_sample_value("istio_a_total", {"code": "200", "path": "/x"}) == 6
+    assert reg.get_sample_value("istio_a_total", {"code": "404", "path": "/y"}) == 6
+    assert reg.get_sample_value("istio_b_total", {"code": "200", "path": "/x"}) == 2
+    assert reg.get_sample_value("istio_b_total", {"code": "404", "path": "/y"}) == 7
+    assert reg.get_sample_value("istio_c_total", {"path": "/x"}) == 3
+    await h.close()
+
+
 async def test_typed_dimensions_skip_conversion_but_never_break_a_scrape(
     reg: CollectorRegistry,
 ) -> None:

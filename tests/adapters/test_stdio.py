@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import io
 import ipaddress
 import json
 import logging
+import sys
 from pathlib import Path
 
+import pytest
 from mixerhub.adapters.stdio import INFO, StdioHandler, StdioParams
 from prometheus_client import CollectorRegistry
 
@@ -117,3 +120,26 @@ async def test_files_rotate_by_size(tmp_path: Path) -> None:
     assert (tmp_path / "out.log.2").exists()
     assert not (tmp_path / "out.log.3").exists()
     assert (tmp_path / "out.log.1").stat().st_size >= 1024 * 1024
+
+
+async def test_lines_to_stdout_keep_their_order_with_text_written_before(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    print("before", flush=False)  # still in the text layer when the handler writes bytes below
+    h = handler()
+    h.handle_logentry([entry(n=1), entry(n=2)])
+    await h.close()
+    out = capfd.readouterr().out.splitlines()
+    assert out[0] == "before"
+    assert [json.loads(line)["n"] for line in out[1:]] == [1, 2]
+
+
+async def test_a_text_stream_without_bytes_below_it_still_gets_lines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    h = handler(logStream="STDERR", output_as_json=False)
+    h.handle_metric([MetricInstance("m", 1, {"code": 200})])
+    await h.close()
+    assert stream.getvalue().endswith('\tinfo\tm\t{"value":1,"code":200}\n')

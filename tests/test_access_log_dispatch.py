@@ -1,0 +1,252 @@
+"""The generated access-log dispatch (mixerhub/access_log_dispatch.py) against the general report
+path it stands in for: the same instances, in the same order, to the same handler calls, on many
+entries and reporters; and the general path's own handling where an expression fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import linecache
+import shutil
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mixerhub import registry
+from mixerhub.access_log_attributes import (
+    BagPlan,
+    Reporter,
+    _headers_of,
+    request_header,
+)
+from mixerhub.access_log_dispatch import ReportPrograms
+from mixerhub.dispatcher import ReportDispatcher
+from mixerhub.monitoring import ADAPTER_ERRORS
+from mixerhub.snapshot import Snapshot
+from mixerhub.store import documents
+from mixerhub.store.compile import compile_snapshot, default_config_dir
+from tests.test_access_log import entry
+from tests.test_report_codegen import REPORTERS, _http_entries, _tcp_entries
+
+# Rules beside the default ones: expressions that fail on some entries or for some reporters,
+# a rule scoped to one namespace, and one whose match reads only the reporter.
+EXTRA = """\
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {name: strict, namespace: istio-system}
+spec:
+  compiledTemplate: metric
+  params:
+    value: response.code
+    dimensions:
+      app: destination.labels["app"]
+      path: request.path
+      agent: request.headers["user-agent"]
+      method: request.headers[":method"]
+      missing: request.headers["x-missing"]
+---
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {name: lenient, namespace: istio-system}
+spec:
+  compiledTemplate: metric
+  params:
+    value: "1"
+    dimensions:
+      workload: destination.workload.name | source.workload.name | "none"
+      id: request.headers["x-request-id"] | "none"
+      host: request.headers[":authority"] | "none"
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: strictrule, namespace: istio-system}
+spec:
+  match: context.protocol == "http" || context.protocol == "grpc"
+  actions: [{handler: stdio, instances: [strict, lenient]}]
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: reviewsonly, namespace: istio-system}
+spec:
+  match: destination.workload.name == "reviews"
+  actions: [{handler: stdio, instances: [lenient]}]
+---
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {name: shoponly, namespace: shop}
+spec:
+  compiledTemplate: metric
+  params:
+    value: request.size | connection.received.bytes | 0
+    dimensions:
+      code: response.code | 0
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: shoponly, namespace: shop}
+spec:
+  actions: [{handler: stdio.istio-system, instances: [shoponly]}]
+"""
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("config")
+    shutil.copytree(default_config_dir(), folder / "default")
+    (folder / "extra.yaml").write_text(EXTRA)
+    return folder
+
+
+@pytest.fixture
+async def snapshot(config: Path) -> AsyncIterator[Snapshot]:
+    snapshot = compile_snapshot(documents.read([config]), registry.default_registry())
+    yield snapshot
+    for built in snapshot.handlers.values():
+        if built.handler is not None:
+            await built.handler.close()
+
+
+class Recorder:
+    """Stands in for one handler method: what each call got."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[Any]] = []
+
+    def __call__(self, instances: Sequence[Any]) -> None:
+        self.calls.append(list(instances))
+
+
+def recording(reports: ReportDispatcher) -> dict[Any, Recorder]:
+    """Every route's handler methods replaced by recorders (one per method, as batched)."""
+    recorders: dict[Any, Recorder] = {}
+    scoped = reports._scoped
+
+    def swap(routes: tuple[Any, ...]) -> tuple[Any, ...]:
+        out = []
+        for route in routes:
+            calls = tuple(
+                dataclasses.replace(c, method=recorders.setdefault(c.method, Recorder()))
+                for c in route.calls
+            )
+            out.append(dataclasses.replace(route, calls=calls))
+        return tuple(out)
+
+    scoped._mesh = swap(scoped._mesh)
+    scoped._own = {ns: swap(routes) for ns, routes in scoped._own.items()}
+    scoped._combined = {}
+    return recorders
+
+
+def both_ways(
+    snapshot: Snapshot, kind: str, entries: Sequence[Any], reporter: Reporter
+) -> Iterator[tuple[int, list[list[list[Any]]], ReportPrograms]]:
+    """(dispatched, what each recorder got) by the general path, then by the generated one."""
+    for generated in (False, True):
+        reports = ReportDispatcher(snapshot)
+        recorders = recording(reports)
+        plan = BagPlan(snapshot.referenced)
+        programs = ReportPrograms(reports, plan, snapshot.attributes)
+        if generated:
+            assert programs.program(kind, reporter) is not None
+            n = programs.dispatch(kind, entries, reporter)
+        else:
+            extract = plan.http_for(reporter) if kind == "http" else plan.tcp_for(reporter)
+            n = reports.report([extract(e, reporter) for e in entries], reporter.namespace)
+        yield n, [r.calls for r in recorders.values()], programs
+
+
+@pytest.mark.parametrize("reporter", REPORTERS, ids=lambda r: f"{r.kind}-{r.name or 'none'}")
+@pytest.mark.parametrize("kind", ["http", "tcp"])
+async def test_generated_dispatch_gives_what_the_general_path_gives(
+    snapshot: Snapshot, kind: str, reporter: Reporter
+) -> None:
+    entries: list[Any] = _http_entries() if kind == "http" else _tcp_entries()
+    (general_n, general, _), (generated_n, generated, _) = both_ways(
+        snapshot, kind, entries, reporter
+    )
+    assert generated_n == general_n > 0
+    assert generated == general
+
+
+async def test_expressions_that_fail_take_the_general_path(snapshot: Snapshot) -> None:
+    # No labels: destination.labels["app"] fails for the whole message (it reads the reporter
+    # alone); a bare entry has no response.code, so `strict` fails for it alone.
+    reporter = Reporter("reviews", "shop", {}, "sa", "inbound", "uid")
+    entries = [entry(), entry().__class__(), entry(code=404)]
+    errors = ADAPTER_ERRORS.labels("stdio")
+    before = errors._value.get()
+    (general_n, general, _), (generated_n, generated, programs) = both_ways(
+        snapshot, "http", entries, reporter
+    )
+    assert generated == general
+    assert generated_n == general_n
+    # The general path skips and counts just the instances that cannot be built, both times:
+    # `strict` for each entry, and the bare entry's access log (it has no request.time).
+    assert errors._value.get() - before == 2 * (len(entries) + 1)
+    program = programs.program("http", reporter)
+    assert program is not None
+    names = [i.name for call in generated for batch in call for i in batch]
+    assert "strict.instance.istio-system" not in names
+    assert names.count("lenient.instance.istio-system") == 2 * len(entries)
+
+
+async def test_a_namespaces_rules_apply_to_its_reporters_alone(snapshot: Snapshot) -> None:
+    def names(reporter: Reporter) -> set[str]:
+        (_, _, _), (_, generated, _) = both_ways(snapshot, "http", [entry()], reporter)
+        return {i.name for call in generated for batch in call for i in batch}
+
+    assert "shoponly.instance.shop" in names(REPORTERS[0])  # reviews in shop
+    other = dataclasses.replace(REPORTERS[0], namespace="other")
+    assert "shoponly.instance.shop" not in names(other)
+    assert "lenient.instance.istio-system" in names(other)
+
+
+async def test_what_depends_on_the_reporter_alone_is_computed_once_per_message(
+    snapshot: Snapshot,
+) -> None:
+    programs = ReportPrograms(
+        ReportDispatcher(snapshot), BagPlan(snapshot.referenced), snapshot.attributes
+    )
+    program = programs.program("http", REPORTERS[0])
+    assert program is not None
+    before_loop, _, loop = program.source.partition("    for entry in entries:\n")
+    # Istio's destination_workload label reads the reporter alone; request.path does not.
+    assert "'destination.workload.name | \"unknown\"'" in before_loop
+    assert "request.path" in loop
+    assert "request.path" not in before_loop
+    # A constant header name reads that one header, without building every header first.
+    assert "_headers_of" not in program.source
+    assert linecache.getlines(program.filename)[0].startswith("def dispatch(")
+    # Programs are kept: one per entry type, reporter side and set of rules.
+    assert programs.program("http", REPORTERS[0]) is program
+    same_rules = dataclasses.replace(REPORTERS[0], name="ratings")
+    assert programs.program("http", same_rules) is program
+    assert programs.program("http", REPORTERS[1]) is not program  # outbound
+
+
+async def test_a_snapshot_with_attribute_generators_uses_the_general_path() -> None:
+    istio = Path(__file__).parent / "data" / "istio-1.4" / "telemetry.yaml"
+    snapshot = compile_snapshot(documents.read([istio]), registry.default_registry())
+    try:
+        reports = ReportDispatcher(snapshot)
+        assert reports.preprocessor is not None  # kubernetesenv
+        programs = ReportPrograms(reports, BagPlan(snapshot.referenced), snapshot.attributes)
+        assert programs.program("http", REPORTERS[0]) is None
+    finally:
+        for built in snapshot.handlers.values():
+            if built.handler is not None:
+                await built.handler.close()
+
+
+def test_one_header_reads_as_in_the_headers_map() -> None:
+    names = [":authority", ":path", "user-agent", "referer", "x-request-id", "x-forwarded-for",
+             ":method", "content-type", "x-none"]  # fmt: skip
+    for e in [*_http_entries(), entry()]:
+        e.request.request_headers["x-request-id"] = "logged"  # a logged header wins
+        headers = _headers_of(e.request)
+        for name in names:
+            assert request_header(e.request, name, None) == headers.get(name), name
+    bare = entry().__class__().request
+    assert request_header(bare, ":method", "default") == "default"
