@@ -43,9 +43,12 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         """A new snapshot: the next batch of every stream goes through its rules."""
         reports = ReportDispatcher(snapshot)
         plan = BagPlan(snapshot.referenced)
-        self.programs = (
-            None if reports.empty else ReportPrograms(reports, plan, snapshot.attributes)
-        )
+        if reports.empty:
+            self.programs = None
+            return
+        programs = ReportPrograms(reports, plan, snapshot.attributes)
+        programs.prepare()
+        self.programs = programs
 
     async def StreamAccessLogs(
         self,

@@ -68,13 +68,25 @@ class ReportPrograms:
         self.reports, self.plan, self.attributes = reports, plan, attributes
         self._programs: dict[tuple[str, bool, tuple[int, ...]], Program | None] = {}
 
+    def prepare(self) -> None:
+        """Generate every program now, at configuration load: generating one takes
+        milliseconds that a message's first entries should not wait for."""
+        if self.reports.preprocessor is not None:
+            return
+        for routes in self.reports.route_sets():
+            for kind in ("http", "tcp"):
+                for inbound in (True, False):
+                    self._program(kind, inbound, routes)
+
     def program(self, kind: str, reporter: Reporter) -> Program | None:
         """The program for ``kind`` ("http" or "tcp") entries from ``reporter``; None when they
         go the general way."""
         if self.reports.preprocessor is not None:
             return None
         routes = self.reports.routes_for(reporter.namespace)
-        inbound = reporter.kind == "inbound"
+        return self._program(kind, reporter.kind == "inbound", routes)
+
+    def _program(self, kind: str, inbound: bool, routes: tuple[ReportRoute, ...]) -> Program | None:
         key = (kind, inbound, tuple(id(r) for r in routes))
         try:
             return self._programs[key]

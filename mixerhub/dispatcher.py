@@ -117,6 +117,10 @@ class _Scoped(Generic[R]):
         self._own = {namespace: tuple(rs) for namespace, rs in own.items()}
         self._combined: dict[str, tuple[R, ...]] = {}
 
+    def route_sets(self) -> list[tuple[R, ...]]:
+        """Every distinct set of routes: the mesh-wide ones alone, and with each namespace's."""
+        return [self._mesh, *(self.routes_for(namespace) for namespace in self._own)]
+
     def routes_for(self, namespace: str) -> tuple[R, ...]:
         routes = self._combined.get(namespace)
         if routes is None:
@@ -345,6 +349,9 @@ class ReportDispatcher:
 
     def routes_for(self, namespace: str) -> tuple[ReportRoute, ...]:
         return self._scoped.routes_for(namespace)
+
+    def route_sets(self) -> list[tuple[ReportRoute, ...]]:
+        return self._scoped.route_sets()
 
     def report(self, bags: Sequence[Bag], namespace: str) -> int:
         """Apply the rules to each bag and hand each handler its instances in one call.

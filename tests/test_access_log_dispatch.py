@@ -250,3 +250,19 @@ def test_one_header_reads_as_in_the_headers_map() -> None:
             assert request_header(e.request, name, None) == headers.get(name), name
     bare = entry().__class__().request
     assert request_header(bare, ":method", "default") == "default"
+
+
+async def test_every_program_is_ready_once_the_configuration_is_active(
+    snapshot: Snapshot,
+) -> None:
+    programs = ReportPrograms(
+        ReportDispatcher(snapshot), BagPlan(snapshot.referenced), snapshot.attributes
+    )
+    programs.prepare()
+    # The mesh-wide rules alone, and with shop's own: each for two entry types and two sides.
+    assert len(programs._programs) == 2 * 2 * 2
+    ready = dict(programs._programs)
+    for reporter in [*REPORTERS, dataclasses.replace(REPORTERS[0], namespace="elsewhere")]:
+        for kind in ("http", "tcp"):
+            assert programs.program(kind, reporter) in ready.values()
+    assert programs._programs == ready  # nothing generated on the request path

@@ -5,6 +5,7 @@ The grammar is grammar.lark; the LALR parser is built once, at import.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -35,8 +36,11 @@ _PARSER = Lark(
 _OPERAND_STARTS = frozenset({"NAME", "INT", "FLOAT", "STRING", "RAW_STRING", "CHAR"})
 
 
+@functools.lru_cache(maxsize=4096)
 def parse(source: str) -> Node:
-    """Parse ``source``; raises ExpressionError with the offending position."""
+    """Parse ``source``; raises ExpressionError with the offending position. Cached (trees are
+    immutable): a configuration repeats its expressions, every reload parses them again, and
+    generated code (report rules, access-log dispatch) compiles them once more."""
     try:
         tree = _PARSER.parse(source)
     except UnexpectedInput as e:
