@@ -36,7 +36,14 @@ from mixerhub.access_log_attributes import (
 )
 from mixerhub.attributes import ValueType
 from mixerhub.bag import ABSENT
-from mixerhub.dispatcher import Call, ReportDispatcher, ReportRoute, apply_route, hand_over
+from mixerhub.dispatcher import (
+    Call,
+    Preprocessor,
+    ReportDispatcher,
+    ReportRoute,
+    apply_route,
+    hand_over,
+)
 from mixerhub.expression import typed
 from mixerhub.expression.compile import Generator, inline_code
 from mixerhub.store.mixer_kinds import Evaluator, InstanceBuilder, InstanceCode
@@ -71,8 +78,6 @@ class ReportPrograms:
     def prepare(self) -> None:
         """Generate every program now, at configuration load: generating one takes
         milliseconds that a message's first entries should not wait for."""
-        if self.reports.preprocessor is not None:
-            return
         for routes in self.reports.route_sets():
             for kind in ("http", "tcp"):
                 for inbound in (True, False):
@@ -81,8 +86,6 @@ class ReportPrograms:
     def program(self, kind: str, reporter: Reporter) -> Program | None:
         """The program for ``kind`` ("http" or "tcp") entries from ``reporter``; None when they
         go the general way."""
-        if self.reports.preprocessor is not None:
-            return None
         routes = self.reports.routes_for(reporter.namespace)
         return self._program(kind, reporter.kind == "inbound", routes)
 
@@ -92,7 +95,11 @@ class ReportPrograms:
             return self._programs[key]
         except KeyError:
             pass
-        program = generate(kind, inbound, routes, self.attributes) if routes else None
+        program = (
+            generate(kind, inbound, routes, self.attributes, self.reports.preprocessor)
+            if routes
+            else None
+        )
         if len(self._programs) >= _MAX_PROGRAMS:
             self._programs.clear()
         self._programs[key] = program
@@ -111,24 +118,37 @@ class ReportPrograms:
             return self.reports.report(bags, reporter.namespace)
         outputs: list[list[Any]] = [[] for _ in program.calls]
         batches = {c.method: (c, out) for c, out in zip(program.calls, outputs, strict=True)}
-        routes = program.routes
+        routes, preprocessor, namespace = (
+            program.routes,
+            self.reports.preprocessor,
+            reporter.namespace,
+        )
 
         def fallback(route: int, entry: Any) -> None:
-            apply_route(routes[route], extract(entry, reporter), batches)
+            bag = extract(entry, reporter)
+            if preprocessor is not None:
+                preprocessor.generate(bag, namespace)
+            apply_route(routes[route], bag, batches)
 
         program.function(entries, reporter, outputs, fallback)
         return hand_over(batches.values())
 
 
 def generate(
-    kind: str, inbound: bool, routes: Sequence[ReportRoute], attributes: Mapping[str, ValueType]
+    kind: str,
+    inbound: bool,
+    routes: Sequence[ReportRoute],
+    attributes: Mapping[str, ValueType],
+    preprocessor: Preprocessor | None = None,
 ) -> Program | None:
     """``def dispatch(entries, reporter, outputs, fallback)`` for these routes; None when some
-    instance cannot be generated for."""
+    instance cannot be generated for. With a preprocessor (attribute generators), each entry's
+    generators run first, on a dict of just the attributes they read and produce, and the
+    attributes they produce are read from it."""
     label = (
         f"{kind} {'inbound' if inbound else 'outbound'}: {', '.join(r.rule.name for r in routes)}"
     )
-    code = _Code(kind, inbound, label)
+    code = _Code(kind, inbound, label, preprocessor)
     calls: dict[Any, int] = {}  # handler method -> output list
     call_list: list[Call] = []
     for route in routes:
@@ -159,6 +179,10 @@ class _Failed:
 _FAILED = _Failed()
 
 
+class _Fallback(Exception):
+    """Raised in generated code to send an entry through a rule's general path."""
+
+
 def _absent(name: str) -> Any:
     raise KeyError(name)  # what reading an absent attribute from a bag raises
 
@@ -166,7 +190,9 @@ def _absent(name: str) -> Any:
 class _Code:
     """The parts of one generated dispatch function, put together by ``source``."""
 
-    def __init__(self, kind: str, inbound: bool, label: str) -> None:
+    def __init__(
+        self, kind: str, inbound: bool, label: str, preprocessor: Preprocessor | None
+    ) -> None:
         self.kind, self.inbound = kind, inbound
         self.extractors = HTTP_EXTRACTORS if kind == "http" else TCP_EXTRACTORS
         self.generator = _LocalGenerator(
@@ -174,13 +200,38 @@ class _Code:
         )
         self.namespace = self.generator.namespace
         self.namespace.update(plan_namespace(self.extractors))
-        self.namespace.update({"_A": ABSENT, "_absent": _absent, "_F": _FAILED})
+        self.namespace.update(
+            {"_A": ABSENT, "_absent": _absent, "_F": _FAILED, "_Fallback": _Fallback}
+        )
         self.per_message: list[str] = []  # attributes and expressions fixed for a message
         self.per_entry: list[str] = []  # attributes of each entry
         self.entry_locals: set[str] = set()
         self.fixed_attributes: set[str] = set()
         self.fixed: dict[tuple[str, ValueType | None], str] = {}  # expression -> local
         self.never_absent = self.generator.never_absent
+        self.raw: dict[str, str] = {}  # attribute -> local, as the entry carries it
+        self.always_absent: set[str] = set()
+        self.generated: list[str] = []  # the attribute generators' run, and what they produce
+        self.produced: frozenset[str] = frozenset()
+        if preprocessor is not None:
+            self._preprocess(preprocessor)
+
+    def _preprocess(self, preprocessor: Preprocessor) -> None:
+        """Each entry's generators run on a dict holding what they read, and the attributes
+        they produce that the entry already carries (those are kept, as in Mixer)."""
+        self.produced = preprocessor.produced
+        self.namespace["_generate"] = preprocessor.generate
+        lines = ["pre = {}"]
+        for name in sorted(preprocessor.referenced | preprocessor.produced):
+            local = self._raw(name)
+            if local in self.always_absent:
+                continue
+            if local in self.never_absent:
+                lines.append(f"pre[{name!r}] = {local}")
+            else:
+                lines.append(f"if {local} is not _A: pre[{name!r}] = {local}")
+        lines.append("_generate(pre, reporter.namespace)")
+        self.generated = lines
 
     # --- attributes -------------------------------------------------------------------------
 
@@ -189,7 +240,20 @@ class _Code:
         local = self.generator.attribute_locals.get(name)
         if local is not None:
             return local
-        local = self.generator.attribute_locals[name] = f"a{len(self.generator.attribute_locals)}"
+        if name in self.produced:  # from the generators' dict, after they ran
+            local = f"g{len(self.generator.attribute_locals)}"
+            self.generated.append(f"{local} = pre.get({name!r}, _A)  # {name}")
+        else:
+            local = self._raw(name)
+        self.generator.attribute_locals[name] = local
+        return local
+
+    def _raw(self, name: str) -> str:
+        """The local holding attribute ``name`` as the entry carries it, defined on first use."""
+        local = self.raw.get(name)
+        if local is not None:
+            return local
+        local = self.raw[name] = f"a{len(self.raw)}"
         snippet = attribute_snippet(self.kind, name, self.inbound)
         if snippet is None:
             if name not in self.extractors:
@@ -212,7 +276,10 @@ class _Code:
         return local
 
     def _fixed_attribute(self, name: str, local: str, code: str) -> None:
-        self.fixed_attributes.add(name)
+        if code == "_A":
+            self.always_absent.add(local)
+        if name not in self.produced:  # what the generators produce differs entry by entry
+            self.fixed_attributes.add(name)
         self.per_message.append(f"{local} = {code}  # {name}")
 
     def _define_local(self, name: str) -> None:
@@ -273,7 +340,8 @@ class _Code:
                 return None
             match, fixed_local = compiled
             if fixed_local is not None:
-                fixed_used.append(fixed_local)
+                # A match that failed holds _F, which is not True: the rule does not apply, as
+                # in the general path.
                 match = fixed_local
         local: dict[Evaluator, str] = {}
         per_rule: dict[tuple[str, ValueType | None], str] = {}
@@ -309,25 +377,24 @@ class _Code:
         body += construction.prelude
         body += [f"n{index}_{i} = {code}" for i, code in enumerate(built)]
         adds = [f"add{calls[c.method]}(n{index}_{i})" for i, c in enumerate(route.calls)]
-        ok = f"r{index}"
-        condition = " and ".join(f"{h} is not _F" for h in dict.fromkeys(fixed_used)) or "True"
-        self.per_message.append(f"{ok} = {condition}  # {route.rule.name}")
-        lines = [
-            f"# {route.rule.name}",
-            f"if {ok}:",
-            "    try:",
-            f"        if ({match}) is True:",
-            *(f"            {line}" for line in body),
-            "            ok = True",
-            "        else:",
-            "            ok = False",
-            "    except Exception:",
+        lines = [f"# {route.rule.name}", "try:", f"    if ({match}) is True:"]
+        failed = " or ".join(f"{h} is _F" for h in dict.fromkeys(fixed_used))
+        if failed:
+            # An expression over the reporter alone failed: when the rule applies, its general
+            # path says which instances can still be built.
+            flag = f"r{index}"
+            self.per_message.append(f"{flag} = {failed}  # {route.rule.name}")
+            lines += [f"        if {flag}:", "            raise _Fallback"]
+        lines += [
+            *(f"        {line}" for line in body),
+            "        ok = True",
+            "    else:",
             "        ok = False",
-            f"        fallback({index}, entry)",
-            "    if ok:",
-            *(f"        {add}" for add in adds),
-            "else:",
+            "except Exception:",
+            "    ok = False",
             f"    fallback({index}, entry)",
+            "if ok:",
+            *(f"    {add}" for add in adds),
         ]
         return lines
 
@@ -337,6 +404,7 @@ class _Code:
         lines += [f"    {line}" for line in self.per_message]
         lines.append("    for entry in entries:")
         lines += [f"        {line}" for line in self.per_entry]
+        lines += [f"        {line}" for line in self.generated]
         for block in rule_blocks:
             lines += [f"        {line}" for line in block]
         return "\n".join(lines) + "\n"

@@ -445,7 +445,11 @@ class Preprocessor:
 
     def __init__(self, routes: Sequence[GenerateRoute], mesh_namespace: str) -> None:
         self._scoped = _Scoped(routes, mesh_namespace)
+        # What the generators read (their rules' matches and instances), and what they produce.
         self.referenced: frozenset[str] = frozenset().union(*(r.rule.referenced for r in routes))
+        self.produced: frozenset[str] = frozenset(
+            b.attribute for r in routes for g in r.generations for b in g.bindings
+        )
 
     @classmethod
     def build(

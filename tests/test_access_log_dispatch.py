@@ -226,14 +226,59 @@ async def test_what_depends_on_the_reporter_alone_is_computed_once_per_message(
     assert programs.program("http", REPORTERS[1]) is not program  # outbound
 
 
-async def test_a_snapshot_with_attribute_generators_uses_the_general_path() -> None:
+WORKLOAD_ENTRIES = """
+apiVersion: networking.istio.io/v1beta1
+kind: WorkloadEntry
+metadata: {name: productpage-v1-7f9, namespace: shop}
+spec:
+  address: 10.0.0.9
+  labels: {app: productpage, version: v1}
+  serviceAccount: bookinfo-productpage
+---
+apiVersion: networking.istio.io/v1beta1
+kind: WorkloadEntry
+metadata: {name: reviews-v2-5d8, namespace: shop}
+spec:
+  address: 10.0.0.1
+  labels: {app: reviews, version: v2}
+  serviceAccount: bookinfo-reviews
+"""
+
+
+@pytest.mark.parametrize("reporter", REPORTERS[:2], ids=lambda r: r.kind)
+@pytest.mark.parametrize("kind", ["http", "tcp"])
+async def test_istios_attribute_generators_run_first_in_the_generated_path(
+    tmp_path: Path, kind: str, reporter: Reporter
+) -> None:
+    """Istio 1.4's telemetry.yaml, whose kubernetesenv rules fill source.* and destination.*
+    from the pods (WorkloadEntries here) before the metric and log rules read them."""
     istio = Path(__file__).parent / "data" / "istio-1.4" / "telemetry.yaml"
-    snapshot = compile_snapshot(documents.read([istio]), registry.default_registry())
+    (tmp_path / "pods.yaml").write_text(WORKLOAD_ENTRIES)
+    snapshot = compile_snapshot(documents.read([istio, tmp_path]), registry.default_registry())
     try:
-        reports = ReportDispatcher(snapshot)
-        assert reports.preprocessor is not None  # kubernetesenv
-        programs = ReportPrograms(reports, BagPlan(snapshot.referenced), snapshot.attributes)
-        assert programs.program("http", REPORTERS[0]) is None
+        assert ReportDispatcher(snapshot).preprocessor is not None  # kubernetesenv
+        entries: list[Any] = _http_entries() if kind == "http" else _tcp_entries()
+        (general_n, general, _), (generated_n, generated, programs) = both_ways(
+            snapshot, kind, entries, reporter
+        )
+        assert generated == general
+        assert generated_n == general_n > 0
+        program = programs.program(kind, reporter)
+        assert program is not None
+        assert "_generate(pre, reporter.namespace)" in program.source
+        # An entry like Envoy's usual ones goes through no rule's general path.
+        fallbacks: list[int] = []
+        program.function(
+            entries[-1:], reporter, [[] for _ in program.calls], lambda i, e: fallbacks.append(i)
+        )
+        assert fallbacks == []
+        labels = [
+            i.dimensions for call in generated for batch in call for i in batch
+            if getattr(i, "dimensions", None)
+        ]  # fmt: skip
+        # The pod at the entry's source address names the source workload.
+        if kind == "http" and reporter.kind == "inbound":
+            assert any(d.get("source_workload") == "productpage" for d in labels)
     finally:
         for built in snapshot.handlers.values():
             if built.handler is not None:
