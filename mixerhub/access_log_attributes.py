@@ -356,7 +356,19 @@ def _duration(d: Any) -> datetime.timedelta:
 
 def _start_of(common: Any) -> Any:
     t = common.start_time
-    return _EPOCH + _timedelta(0, t.seconds, t.nanos // 1000) if t.seconds or t.nanos else ABSENT
+    seconds, nanos = t.seconds, t.nanos
+    if not (seconds or nanos):
+        return ABSENT
+    # Entries come second after second: the second's datetime is made once.
+    second = _SECONDS.get(seconds)
+    if second is None:
+        if len(_SECONDS) >= 4096:
+            _SECONDS.clear()
+        second = _SECONDS[seconds] = _EPOCH + _timedelta(0, seconds)
+    return second + _timedelta(0, 0, nanos // 1000)
+
+
+_SECONDS: dict[int, datetime.datetime] = {}
 
 
 def _start(c: EntryContext) -> Any:
@@ -370,8 +382,10 @@ def _elapsed(c: EntryContext) -> Any:
 
 
 def _elapsed_of(common: Any) -> Any:
-    if common.HasField("duration"):
-        return _duration(common.duration)
+    d = common.duration  # an unset one reads as zero: asked whether it is set only then
+    seconds, nanos = d.seconds, d.nanos
+    if seconds or nanos or common.HasField("duration"):
+        return _timedelta(0, seconds, nanos // 1000)
     if common.HasField("time_to_last_downstream_tx_byte"):
         return _duration(common.time_to_last_downstream_tx_byte)
     return ABSENT

@@ -67,6 +67,41 @@ class LazyBag(dict[str, Any], Generic[C]):
 # access-log entry): parsed one way for both.
 
 
+class KnownIPv4Address(ipaddress.IPv4Address):
+    """An address that keeps its text and hash: the same few peers are printed and looked up
+    entry after entry, where ipaddress would compute both anew each time."""
+
+    __slots__ = ("_hash", "_text")
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self._text = super().__str__()
+        self._hash = super().__hash__()
+
+    def __str__(self) -> str:
+        return self._text
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
+class KnownIPv6Address(ipaddress.IPv6Address):
+    """KnownIPv4Address's counterpart."""
+
+    __slots__ = ("_hash", "_text")
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self._text = super().__str__()
+        self._hash = super().__hash__()
+
+    def __str__(self) -> str:
+        return self._text
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
 @functools.lru_cache(maxsize=4096)
 def parse_ip(text: str) -> Any:
     """An address's IP, or ABSENT (a pipe, an empty or unparseable address). Cached: the same
@@ -74,7 +109,11 @@ def parse_ip(text: str) -> Any:
     if not text:
         return ABSENT
     try:
-        return ipaddress.ip_address(text)
+        return KnownIPv4Address(text)
+    except ValueError:
+        pass
+    try:
+        return KnownIPv6Address(text)
     except ValueError:
         return ABSENT
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import functools
 import ipaddress
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -14,6 +13,7 @@ import orjson
 
 from mixerhub.adapter import Env, ExportResult, Handler, InstanceSpec
 from mixerhub.attributes import format_go_duration, format_value
+from mixerhub.bag import KnownIPv4Address, KnownIPv6Address
 from mixerhub.templates import LogEntryInstance, MetricInstance
 
 from .config import Level, StdioParams
@@ -27,13 +27,13 @@ _JSON = orjson.OPT_UTC_Z
 _JSON_ANY_KEYS = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
 # The values every access-log line has that orjson does not know, by exact type: a dict lookup
 # instead of format_value's chain of isinstance checks. format_value does the same for them.
-# An address's text is cached: the same few peers come back line after line, and ipaddress
-# builds the text anew each time.
-_ip_text = functools.lru_cache(maxsize=4096)(str)
 _BY_TYPE: Mapping[type, Callable[[Any], object]] = {
     datetime.timedelta: format_go_duration,
-    ipaddress.IPv4Address: _ip_text,
-    ipaddress.IPv6Address: _ip_text,
+    ipaddress.IPv4Address: str,
+    ipaddress.IPv6Address: str,
+    # What Envoy's addresses parse to: their text is kept (mixerhub.bag.parse_ip).
+    KnownIPv4Address: KnownIPv4Address.__str__,
+    KnownIPv6Address: KnownIPv6Address.__str__,
 }
 
 
