@@ -20,6 +20,7 @@ generated for, uses the general path throughout.
 from __future__ import annotations
 
 import linecache
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,8 @@ from mixerhub.dispatcher import (
 from mixerhub.expression import typed
 from mixerhub.expression.compile import Generator, inline_code
 from mixerhub.store.mixer_kinds import Evaluator, InstanceBuilder, InstanceCode
+
+log = logging.getLogger("mixerhub.access_log")
 
 # The generated function: (entries, reporter, output lists, fallback(route index, entry)).
 Dispatch = Callable[[Sequence[Any], Reporter, list[list[Any]], Callable[[int, Any], None]], None]
@@ -164,7 +167,12 @@ def generate(
         rule_blocks.append(block)
     source = code.source(rule_blocks, len(call_list))
     filename = f"<access-log dispatch {label[:200]}>"
-    exec(compile(source, filename, "exec"), code.namespace)
+    try:
+        compiled = compile(source, filename, "exec")
+    except (SyntaxError, RecursionError, MemoryError):  # past what Python's compiler takes
+        log.warning("access-log rules %s take the general path: too large to generate", label)
+        return None
+    exec(compiled, code.namespace)
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     return Program(code.namespace["dispatch"], tuple(routes), tuple(call_list), source, filename)
 

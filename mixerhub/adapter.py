@@ -165,6 +165,11 @@ class Env:
 class Handler:
     """Base class for handlers. Subclasses add one ``handle_<template>`` method per template."""
 
+    # An attribute generator whose output depends on nothing but its instance (and what the
+    # handler was built with, such as kubernetesenv's pods) says so: the dispatcher then keeps
+    # what it produced for an instance it has seen, and asks again only for a new one.
+    outputs_depend_on_instance_alone: bool = False
+
     async def close(self) -> None:
         """Flush what is queued and release resources. Called once, when a config drops it."""
 

@@ -19,6 +19,7 @@ bindings of attributes that the side's rules read are kept; with none, nothing r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -432,6 +433,11 @@ class Generation:
     bindings: tuple[AttributeBinding, ...]
     # The output fields those bindings read, and the names the bindings read them by.
     output_fields: tuple[tuple[str, str], ...]
+    # For a handler whose outputs depend on its instance alone: what it produced, by the
+    # instance's field values (the output's values, and each binding's value that reads
+    # nothing else).
+    memo: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] | None = None
+    instance_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,18 +488,22 @@ class Preprocessor:
                 bindings = tuple(b for b in instance.bindings if b.attribute in wanted)
                 if not bindings:
                     continue
+                handler = action.handler.handler
+                pure = getattr(handler, "outputs_depend_on_instance_alone", False) is True
                 generations.append(
                     Generation(
                         rule.name,
                         action.handler.name,
                         action.handler.adapter.name,
-                        getattr(action.handler.handler, handler_method(instance.template.name)),
+                        getattr(handler, handler_method(instance.template.name)),
                         instance,
                         bindings,
                         tuple(
                             (f, instance.template.output_prefix + f)
                             for f in sorted(frozenset().union(*(b.output_fields for b in bindings)))
                         ),
+                        {} if pure else None,
+                        tuple(f.name for f in dataclasses.fields(instance.template.instance)),
                     )
                 )
             if generations:
@@ -513,28 +523,72 @@ class Preprocessor:
                 if not missing:
                     continue  # the request carried them all: no lookup at all
                 try:
-                    output = g.method(g.instance.build(bag))
+                    instance = g.instance.build(bag)
                 except EvaluationError as e:
                     ADAPTER_ERRORS.labels(g.adapter).inc()
                     log.debug("instance %s: %s", g.instance.name, e)
                     continue
-                except Exception:  # an adapter that broke its word must not break the request
-                    ADAPTER_ERRORS.labels(g.adapter).inc()
-                    log.exception("handler %s failed", g.handler)
+                produced = _produced(g, instance)
+                if produced is None:
                     continue
-                values: dict[str, Any] = {}
-                for name, bound_as in g.output_fields:
-                    value = getattr(output, name, None)
-                    # An unset field (zero value) is absent: the binding's `|` default applies.
-                    if value is not None and value != "" and value != {}:
-                        values[bound_as] = value
+                values, fixed = produced
                 for b in missing:
+                    if not b.reads_request:
+                        value = fixed.get(b.attribute, _MISSING)
+                        if value is not _MISSING:
+                            target[b.attribute] = value
+                        continue
                     try:
-                        target[b.attribute] = b.evaluate(
-                            _Overlay(values, bag) if b.reads_request else values
-                        )
+                        target[b.attribute] = b.evaluate(_Overlay(values, bag))
                     except EvaluationError as e:
                         log.debug("binding %s of %s: %s", b.attribute, g.instance.name, e)
+
+
+_MISSING = object()
+_MAX_MEMO = 10_000  # instances come from the network: bounded
+
+
+def _produced(g: Generation, instance: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """What one generator instance gives: the output's fields (by the names bindings read
+    them by) and the value of each binding that reads nothing else (absent when it fails);
+    None when the handler failed. Kept for an instance seen before, when the handler says its
+    outputs depend on the instance alone."""
+    memo, key = g.memo, None
+    if memo is not None:
+        key = tuple(getattr(instance, f) for f in g.instance_fields)
+        try:
+            known = memo.get(key)
+        except TypeError:  # a field that cannot be a key (a map): asked every time
+            key = None
+        else:
+            if known is not None:
+                return known
+    try:
+        output = g.method(instance)
+    except Exception:  # an adapter that broke its word must not break the request
+        ADAPTER_ERRORS.labels(g.adapter).inc()
+        log.exception("handler %s failed", g.handler)
+        return None
+    values: dict[str, Any] = {}
+    for name, bound_as in g.output_fields:
+        value = getattr(output, name, None)
+        # An unset field (zero value) is absent: the binding's `|` default applies.
+        if value is not None and value != "" and value != {}:
+            values[bound_as] = value
+    fixed: dict[str, Any] = {}
+    for b in g.bindings:
+        if b.reads_request:
+            continue
+        try:
+            fixed[b.attribute] = b.evaluate(values)
+        except EvaluationError as e:
+            log.debug("binding %s of %s: %s", b.attribute, g.instance.name, e)
+    produced = (values, fixed)
+    if memo is not None and key is not None:
+        if len(memo) >= _MAX_MEMO:
+            memo.clear()
+        memo[key] = produced
+    return produced
 
 
 class _Overlay(dict[str, Any]):

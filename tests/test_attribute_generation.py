@@ -113,6 +113,32 @@ def test_what_envoy_reported_is_not_overwritten(tmp_path: Path) -> None:
     assert dims["source_workload"] == "impostor"  # the source was not reported: it is filled
 
 
+@pytest.mark.parametrize("pure", [True, False])
+def test_a_generator_whose_outputs_depend_on_the_instance_alone_is_asked_once_per_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pure: bool
+) -> None:
+    service = AccessLogService()
+    snapshot = telemetry(tmp_path, ("10.0.0.9", "productpage"))
+    (kubernetesenv,) = [
+        b.handler for b in snapshot.handlers.values() if b.adapter.name == "kubernetesenv"
+    ]
+    asked: list[Any] = []
+    ask = kubernetesenv.generate_kubernetes_attributes
+    monkeypatch.setattr(
+        kubernetesenv, "generate_kubernetes_attributes", lambda i: asked.append(i) or ask(i)
+    )
+    monkeypatch.setattr(kubernetesenv, "outputs_depend_on_instance_alone", pure)
+    service.activate(snapshot)
+    sources = ["10.0.0.9", "10.0.0.99", "10.0.0.9", "10.0.0.9", "10.0.0.99"]
+    first = requestcounts(service, *sources)
+    again = requestcounts(service, *sources)
+    assert first == again
+    assert [d["source_workload"] for d in first] == [
+        "productpage", "unknown", "productpage", "productpage", "unknown"
+    ]  # fmt: skip
+    assert len(asked) == (2 if pure else 2 * len(sources))
+
+
 def test_without_generators_or_readers_nothing_runs(tmp_path: Path) -> None:
     default = compile_snapshot(documents.read([default_config_dir()]), registry.default_registry(),
                                build_handlers=False)  # fmt: skip

@@ -48,6 +48,9 @@ class Pod:
 
 
 class KubernetesEnvHandler(Handler):
+    # The pods are the configuration's WorkloadEntries, fixed for the handler's life.
+    outputs_depend_on_instance_alone = True
+
     def __init__(self, workloads: Iterable[Workload]) -> None:
         self._by_uid: dict[str, Pod] = {}
         self._by_ip: dict[IPAddress, Pod] = {}
