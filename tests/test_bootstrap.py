@@ -187,6 +187,7 @@ def test_access_log_streams_to_the_hub_with_trace_headers() -> None:
     assert common["grpc_service"]["envoy_grpc"] == {"cluster_name": "mixerhub"}
     assert common["transport_api_version"] == "V3"
     assert common["buffer_flush_interval"] == "1s"
+    assert common["buffer_size_bytes"] == 65536
     assert {"x-b3-traceid", "x-b3-spanid", "traceparent"} <= set(
         log["typed_config"]["additional_request_headers_to_log"]
     )
@@ -352,6 +353,7 @@ def test_tcp_listener_proxies_to_the_upstream_and_logs_to_the_hub() -> None:
             "grpc_service": {"envoy_grpc": {"cluster_name": "mixerhub"}},
             "transport_api_version": "V3",
             "buffer_flush_interval": "1s",
+            "buffer_size_bytes": 65536,
         },
     }
     # No HTTP machinery: no connection manager, no ext_authz, no rate limits.
