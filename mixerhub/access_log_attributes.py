@@ -489,6 +489,7 @@ def _host(c: EntryContext) -> Any:
     return _host_of(c.entry.request.authority)
 
 
+@functools.lru_cache(maxsize=4096)  # the same few authorities, entry after entry
 def _host_of(authority: str) -> Any:
     if not authority:
         return ABSENT

@@ -495,6 +495,29 @@ def test_services_without_virtual_service_get_a_default_route(mesh: Snapshot) ->
     assert route["route"]["retry_policy"]["num_retries"] == 2  # Istio's default retries
 
 
+def test_egress_hosts_import_virtual_services_by_namespace_and_host(tmp_path: Path) -> None:
+    elsewhere = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: details-abort, namespace: other}
+spec:
+  hosts: [details.shop.svc.cluster.local]
+  http:
+  - fault: {abort: {httpStatus: 503, percentage: {value: 100}}}
+    route: [{destination: {host: details.shop.svc.cluster.local}}]
+"""
+    snapshot = compile_text(tmp_path, MESH + "---\n" + elsewhere)
+    # productpage's egress imports ./* and one istio-system host: not other's VirtualService.
+    data = translate_data(PRODUCTPAGE, snapshot)
+    (route,) = vhost(data, "15001", "details.shop.svc.cluster.local:9080")["routes"]
+    assert "typed_per_filter_config" not in route
+    assert route["route"]["cluster"] == "outbound|9080||details.shop.svc.cluster.local"
+    # istio-system's Sidecar imports */*: other's VirtualService routes details there.
+    root = translate_data(Proxy("b", namespace="ext"), snapshot)
+    (route,) = vhost(root, "15003", "details.shop.svc.cluster.local:9080")["routes"]
+    assert "envoy.filters.http.fault" in route["typed_per_filter_config"]
+
+
 def test_sidecar_selection_per_proxy(mesh: Snapshot) -> None:
     selected = translate_data(PRODUCTPAGE, mesh)
     namespace_wide = translate_data(Proxy("a", namespace="shop", labels={"app": "x"}), mesh)

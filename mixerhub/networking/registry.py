@@ -86,6 +86,15 @@ def _precedence(namespace: str, own: str, service_namespace: str) -> int:
     return 2 if namespace == ROOT_NAMESPACE else 3
 
 
+def _imported(vs: VirtualService, egress_hosts: Iterable[tuple[str, str]]) -> bool:
+    return any(
+        ns != "~"
+        and (ns == "*" or ns == vs.namespace)
+        and any(host_matches(dns, h) or host_matches(h, dns) for h in vs.hosts)
+        for ns, dns in egress_hosts
+    )
+
+
 def _specificity(pattern: str, host: str) -> int:
     # Exact first; then the longest wildcard.
     return 0 if pattern == host else 1_000 - len(pattern)
@@ -187,11 +196,22 @@ class Networking:
             ),
         )
 
-    def virtual_service(self, namespace: str, hostname: str) -> VirtualService | None:
-        """The VirtualService routing a host for sidecars in the namespace."""
+    def virtual_service(
+        self,
+        namespace: str,
+        hostname: str,
+        egress_hosts: Iterable[tuple[str, str]] | None = None,
+    ) -> VirtualService | None:
+        """The VirtualService routing a host for sidecars in the namespace. With
+        ``egress_hosts`` (a Sidecar egress listener's ``namespace/dnsName`` entries), only
+        those the entries import, as Istio selects them: the VirtualService's namespace matches
+        an entry's, and one of its hosts the entry's dnsName."""
+        imports = None if egress_hosts is None else list(egress_hosts)
         best: tuple[tuple[int, int], VirtualService] | None = None
         for vs in self.virtual_services:
             if not vs.mesh or not (visible(vs.export_to, namespace) or vs.namespace == namespace):
+                continue
+            if imports is not None and not _imported(vs, imports):
                 continue
             for pattern in vs.hosts:
                 if not host_matches(pattern, hostname):

@@ -18,7 +18,8 @@ share one host.
   ``outbound|PORT|SUBSET|HOST``; STATIC services have EDS clusters whose ClusterLoadAssignment
   has the same name, DNS ones inline endpoints.
 - Routes (mixerhub.xds.translate.routes) come from VirtualServices; a service without one gets
-  a default route to its cluster.
+  a default route to its cluster. An egress entry imports VirtualServices as it imports
+  services: by their namespace and hosts.
 - Inbound listeners accept mTLS, plaintext or both as the port's PeerAuthentication says
   (mixerhub.security.peer_authentication; mixerhub.xds.translate.listeners).
 - The hub's filters (mixerhub.hub_filters) are on the inbound listeners when they have work
@@ -107,7 +108,7 @@ def translate_data(
         if is_http(egress.port.protocol):
             listener, route_name = outbound_listener(egress, calls)
             routes[route_name] = route_builder.route_config(
-                route_name, egress.port.number, in_hosts
+                route_name, egress.port.number, in_hosts, egress.hosts
             )
         else:
             tcp = tcp_outbound_listener(egress, in_hosts, calls)

@@ -17,6 +17,7 @@ VirtualService gets one catch-all route to its cluster.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Final
 
 from mixerhub.networking.registry import Networking, Service
@@ -240,8 +241,13 @@ class RouteBuilder:
             action["retry_policy"] = retry
         return action
 
-    def routes(self, service: Service, port: ServicePort) -> list[dict[str, Any]]:
-        vs = self.networking.virtual_service(self.proxy.namespace, service.hostname)
+    def routes(
+        self,
+        service: Service,
+        port: ServicePort,
+        egress_hosts: Sequence[tuple[str, str]] | None = None,
+    ) -> list[dict[str, Any]]:
+        vs = self.networking.virtual_service(self.proxy.namespace, service.hostname, egress_hosts)
         if vs is None:
             return [
                 {
@@ -285,8 +291,14 @@ class RouteBuilder:
         return out
 
     def route_config(
-        self, name: str, listener_port: int, services: list[Service]
+        self,
+        name: str,
+        listener_port: int,
+        services: list[Service],
+        egress_hosts: Sequence[tuple[str, str]] | None = None,
     ) -> dict[str, Any]:
+        """The routes of one outbound listener: a virtual host per service and port, routed by
+        the VirtualService its Sidecar egress entry imports (``egress_hosts``), if any."""
         virtual_hosts = []
         used: set[str] = set()
         for service in services:
@@ -308,7 +320,7 @@ class RouteBuilder:
                     {
                         "name": names.virtual_host(service.hostname, port.number),
                         "domains": domains,
-                        "routes": self.routes(service, port),
+                        "routes": self.routes(service, port, egress_hosts),
                     }
                 )
         # Clusters of the routes may be missing (a subset without a DestinationRule, as in
