@@ -7,6 +7,7 @@ policy/v1beta1 (cfg.proto, value_type.proto); older per-adapter and per-template
 
 from __future__ import annotations
 
+import dataclasses
 import linecache
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -462,17 +463,34 @@ class InstanceCode:
             cls = self._classes[message.cls] = f"{message.cls.__name__}_{len(self._classes)}"
             self.namespace[cls] = message.cls
         local = self.local
-        args = [repr(instance_name)] if message.named else []
-        args += [f"{f}={local[ev]}" for f, ev in message.scalars]
+        fields: dict[str, str] = {}
+        fields.update((f, local[ev]) for f, ev in message.scalars)
         for f, entries in message.maps:
             items = "{" + ", ".join(f"{k!r}: {local[ev]}" for k, ev in entries) + "}"
             shared = self._maps.get(items)
             if shared is None:
                 shared = self._maps[items] = f"{self.prefix}{len(self._maps)}"
                 self.prelude.append(f"{shared} = {items}")
-            args.append(f"{f}={shared}")
-        args += [f"{f}={self.instance(sub, instance_name)}" for f, sub in message.messages]
+            fields[f] = shared
+        fields.update((f, self.instance(sub, instance_name)) for f, sub in message.messages)
+        args = [repr(instance_name)] if message.named else []
+        args += _arguments(message.cls, fields, skip=1 if message.named else 0)
         return f"{cls}({', '.join(args)})"
+
+
+def _arguments(cls: type[Any], fields: Mapping[str, str], skip: int) -> list[str]:
+    """A constructor's arguments: positionally while the fields come in the class's order
+    (a keyword costs about as much again, per instance), then by keyword."""
+    order = (
+        [f.name for f in dataclasses.fields(cls)][skip:] if dataclasses.is_dataclass(cls) else []
+    )
+    args: list[str] = []
+    rest = dict(fields)
+    for name in order:
+        if name not in rest:
+            break
+        args.append(rest.pop(name))
+    return args + [f"{f}={code}" for f, code in rest.items()]
 
 
 @dataclass(frozen=True, slots=True)
