@@ -197,6 +197,8 @@ def _not_strings(spec: InstanceSpec | None, dimensions: tuple[str, ...]) -> tupl
 def _number(value: object, duration_scale: float) -> float:
     """Mixer's promValue: numbers, durations (in seconds, or as the metric's durationUnit says)
     and numeric text. Booleans count as 1 and 0 (Mixer refused them)."""
+    if type(value) is datetime.timedelta:  # Istio's request duration: the common case
+        return value.total_seconds() * duration_scale
     if isinstance(value, bool):
         return 1.0 if value else 0.0
     if isinstance(value, int | float):
