@@ -9,6 +9,7 @@ waits for an answer: the hub keeps up or Envoy drops (access_logs.*.logs_dropped
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 
 import grpc
@@ -47,8 +48,9 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
             self.programs = None
             return
         programs = ReportPrograms(reports, plan, snapshot.attributes)
-        programs.prepare()
         self.programs = programs
+        # Generated off the event loop; until they are ready, entries take the general path.
+        threading.Thread(target=programs.prepare, name="access-log-programs", daemon=True).start()
 
     async def StreamAccessLogs(
         self,

@@ -70,7 +70,12 @@ class Program:
 
 class ReportPrograms:
     """The report side of one snapshot, for access-log entries: a Program per entry type,
-    reporter side and set of routes (a namespace's), generated on first use and kept."""
+    reporter side and set of routes (the mesh-wide rules alone, or with a namespace's own).
+
+    ``prepare`` generates them all; until it has, entries take the general path. Generating
+    one takes tens of milliseconds, which a message's entries (and the Checks sharing the
+    event loop) must not wait for: the hub prepares them in a thread of their own.
+    """
 
     def __init__(
         self, reports: ReportDispatcher, plan: BagPlan, attributes: Mapping[str, ValueType]
@@ -79,18 +84,26 @@ class ReportPrograms:
         self._programs: dict[tuple[str, bool, tuple[int, ...]], Program | None] = {}
 
     def prepare(self) -> None:
-        """Generate every program now, at configuration load: generating one takes
-        milliseconds that a message's first entries should not wait for."""
+        """Generate every program; safe to run in another thread. A program that cannot be
+        generated leaves its entries on the general path."""
         for routes in self.reports.route_sets():
             for kind in ("http", "tcp"):
                 for inbound in (True, False):
-                    self._program(kind, inbound, routes)
+                    try:
+                        self._program(kind, inbound, routes)
+                    except Exception:  # a bug here must not cost more than the speed-up
+                        log.exception("access-log rules take the general path")
 
     def program(self, kind: str, reporter: Reporter) -> Program | None:
-        """The program for ``kind`` ("http" or "tcp") entries from ``reporter``; None when they
-        go the general way."""
+        """The program for ``kind`` ("http" or "tcp") entries from ``reporter``, generated now
+        if it was not yet; None when they go the general way."""
         routes = self.reports.routes_for(reporter.namespace)
         return self._program(kind, reporter.kind == "inbound", routes)
+
+    def ready(self, kind: str, reporter: Reporter) -> Program | None:
+        """The program, if it has been generated (never generating one)."""
+        routes = self.reports.routes_for(reporter.namespace)
+        return self._programs.get((kind, reporter.kind == "inbound", tuple(id(r) for r in routes)))
 
     def _program(self, kind: str, inbound: bool, routes: tuple[ReportRoute, ...]) -> Program | None:
         key = (kind, inbound, tuple(id(r) for r in routes))
@@ -115,7 +128,7 @@ class ReportPrograms:
         extract: ExtractBag = (
             self.plan.http_for(reporter) if kind == "http" else self.plan.tcp_for(reporter)
         )
-        program = self.program(kind, reporter)
+        program = self.ready(kind, reporter)
         if program is None:
             bags = [extract(e, reporter) for e in entries]
             return self.reports.report(bags, reporter.namespace)

@@ -5,6 +5,7 @@ entries and reporters; and the general path's own handling where an expression f
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import linecache
 import shutil
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from mixerhub import registry
+from mixerhub.access_log import AccessLogService
 from mixerhub.access_log_attributes import (
     BagPlan,
     Reporter,
@@ -311,3 +313,33 @@ async def test_every_program_is_ready_once_the_configuration_is_active(
         for kind in ("http", "tcp"):
             assert programs.program(kind, reporter) in ready.values()
     assert programs._programs == ready  # nothing generated on the request path
+
+
+async def test_entries_take_the_general_path_until_the_programs_are_ready(
+    snapshot: Snapshot,
+) -> None:
+    reports = ReportDispatcher(snapshot)
+    recorders = recording(reports)
+    programs = ReportPrograms(reports, BagPlan(snapshot.referenced), snapshot.attributes)
+    assert programs.ready("http", REPORTERS[0]) is None
+    before = programs.dispatch("http", _http_entries(), REPORTERS[0])
+    general = [r.calls for r in recorders.values()]
+    assert programs._programs == {}  # nothing generated on the request path
+    programs.prepare()
+    assert programs.ready("http", REPORTERS[0]) is not None
+    for r in recorders.values():
+        r.calls = []
+    assert programs.dispatch("http", _http_entries(), REPORTERS[0]) == before
+    assert [r.calls for r in recorders.values()] == general
+
+
+async def test_the_hub_prepares_the_programs_off_the_event_loop(snapshot: Snapshot) -> None:
+    service = AccessLogService()
+    service.activate(snapshot)
+    programs = service.programs
+    assert programs is not None
+    for _ in range(200):
+        if programs.ready("http", REPORTERS[0]) is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert programs.ready("http", REPORTERS[0]) is not None
