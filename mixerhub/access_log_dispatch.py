@@ -2,7 +2,7 @@
 reporter side and set of rules.
 
 The general report path (ReportDispatcher.report) extracts each entry's attributes into a dict
-(BagPlan) and then runs each rule over that dict. On Istio's default telemetry most of an
+(BagPlan) and then runs each rule over that dict. On Istio's default telemetry much of an
 entry's cost there is moving values in and out of dicts. Here one generated function loops over
 a message's entries instead: the attributes are its locals, computed by the snippets BagPlan
 uses; each rule's match and field expressions are compiled against those locals by the
@@ -12,9 +12,10 @@ before the loop.
 
 The general path stays the reference, and the fallback: an entry on which one of a rule's
 expressions fails goes through that rule's general path, which skips and counts just the
-instances that cannot be built; when an expression over the reporter alone fails, every entry
-does, for that rule. A snapshot with attribute generators, or with an instance that cannot be
-generated for, uses the general path throughout.
+instances that cannot be built; so does every entry the rule applies to when an expression over
+the reporter alone failed. Attribute generators (kubernetesenv) run first for each entry, on a
+dict of what they read and produce. A rule with an instance that cannot be generated for leaves
+its set of rules on the general path.
 """
 
 from __future__ import annotations
