@@ -50,10 +50,14 @@ from tests.mesh import (
 RATINGS = "ratings.shop.svc"
 
 
-def mesh_config(inbound: int, app_port: int, egress: dict[str, int]) -> str:
+def mesh_config(
+    inbound: int, app_port: int, egress: dict[str, int], *, auto_mtls: bool = False
+) -> str:
+    """With ``auto_mtls``: no DestinationRule, and ratings' WorkloadEntry says it has a sidecar
+    (security.istio.io/tlsMode: istio), so its clients use mTLS by Istio's auto mTLS."""
     sidecars = [sidecar_ingress("ratings", inbound, app_port)]
     sidecars += [sidecar_egress(workload, port) for workload, port in egress.items()]
-    return textwrap.dedent(
+    text = textwrap.dedent(
         f"""\
         apiVersion: networking.istio.io/v1
         kind: ServiceEntry
@@ -97,6 +101,15 @@ def mesh_config(inbound: int, app_port: int, egress: dict[str, int]) -> str:
           - from: [{{source: {{principals: ["cluster.local/ns/shop/sa/productpage"]}}}}]
         """
     ) + "".join(f"---\n{sidecar}" for sidecar in sidecars)
+    if auto_mtls:
+        documents = text.split("---\n")
+        documents = [d for d in documents if "kind: DestinationRule" not in d]
+        text = "---\n".join(documents).replace(
+            "labels: {app: ratings}\n  serviceAccount",
+            "labels: {app: ratings, security.istio.io/tlsMode: istio}\n  serviceAccount",
+        )
+        assert "tlsMode" in text
+    return text
 
 
 @dataclass
@@ -112,13 +125,15 @@ class Mesh:
         return self.envoys[workload].get(self.egress[workload], RATINGS, path).status
 
 
-def start_mesh(processes: ProcessGroup, tmp_path: Path, *hub_args: str) -> Mesh:
+def start_mesh(
+    processes: ProcessGroup, tmp_path: Path, *hub_args: str, auto_mtls: bool = False
+) -> Mesh:
     app = start_upstream(processes, name="ratings")
     inbound = free_port()
     egress = {"productpage": free_port(), "reviews": free_port()}
     config = tmp_path / "config"
     config.mkdir()
-    (config / "mesh.yaml").write_text(mesh_config(inbound, app.port, egress))
+    (config / "mesh.yaml").write_text(mesh_config(inbound, app.port, egress, auto_mtls=auto_mtls))
     ca_dir = tmp_path / "ca"
     hub = start_hub(
         processes, config, extra_args=["--ca-dir", str(ca_dir), "--ca-port", "0", *hub_args]
@@ -143,6 +158,18 @@ def test_the_server_side_sees_each_clients_spiffe_identity(
     # The same request from reviews: its certificate says reviews, which the policy refuses.
     assert mesh.call("reviews") == 403
     # Both connections were mutual TLS, handshaken on ratings' inbound listener.
+    assert mesh.envoys["ratings"].stat(r"listener\..*ssl\.handshake$") >= 2
+
+
+def test_auto_mtls_without_a_destination_rule(processes: ProcessGroup, tmp_path: Path) -> None:
+    """No DestinationRule: the clients talk mTLS to ratings because its WorkloadEntry says it
+    has a sidecar, so its STRICT listener accepts them and its policy tells them apart."""
+    mesh = start_mesh(processes, tmp_path, auto_mtls=True)
+    response = mesh.envoys["productpage"].get(mesh.egress["productpage"], RATINGS, "/x")
+    assert response.status == 200
+    xfcc = json.loads(response.body)["headers"].get("x-forwarded-client-cert", "")
+    assert "spiffe://cluster.local/ns/shop/sa/productpage" in xfcc
+    assert mesh.call("reviews") == 403
     assert mesh.envoys["ratings"].stat(r"listener\..*ssl\.handshake$") >= 2
 
 

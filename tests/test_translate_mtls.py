@@ -19,7 +19,7 @@ import yaml
 from mixerhub.ca.authority import Authority, CAConfig
 from mixerhub.ca.identity import SpiffeId
 from mixerhub.snapshot import Snapshot
-from mixerhub.xds.resources import LISTENER
+from mixerhub.xds.resources import CLUSTER, ENDPOINT, LISTENER
 from mixerhub.xds.translate import translate, translate_data
 from tests.harness import (
     LOOPBACK,
@@ -221,6 +221,88 @@ def test_without_certificates_permissive_is_plaintext_and_strict_stays_strict(
     strict = peer_authentication("shop", "{mtls: {mode: STRICT}}")
     found = listeners(tmp_path, strict, certificates=False)
     assert matches(found[HTTP]) == ["tls"]  # fails closed
+
+
+AUTO = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ratings, namespace: shop}
+spec:
+  hosts: [ratings.shop.svc.cluster.local]
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: ratings}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ratings-meshed, namespace: shop}
+spec:
+  address: 127.0.0.1
+  ports: {http: 7101}
+  labels: {app: ratings, security.istio.io/tlsMode: istio}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ratings-plain, namespace: shop}
+spec:
+  address: 127.0.0.1
+  ports: {http: 7102}
+  labels: {app: ratings}
+"""
+RATINGS_CLUSTER = "outbound|9080||ratings.shop.svc.cluster.local"
+
+
+def test_auto_mtls_talks_mtls_to_endpoints_with_a_sidecar(tmp_path: Path) -> None:
+    """Istio's auto mTLS: without TLS settings in a DestinationRule, mTLS goes to the
+    endpoints labelled security.istio.io/tlsMode=istio, plaintext to the others."""
+    data = translate_data(PRODUCTPAGE, compile_text(tmp_path, SIDECAR + "---\n" + AUTO),
+                          certificates=True)  # fmt: skip
+    cluster = data[CLUSTER][RATINGS_CLUSTER]
+    assert "transport_socket" not in cluster
+    meshed, plain = cluster["transport_socket_matches"]
+    assert meshed["match"] == {"tlsMode": "istio"}
+    tls = meshed["transport_socket"]["typed_config"]
+    assert tls["sni"] == "outbound_.9080_._.ratings.shop.svc.cluster.local"
+    assert tls["common_tls_context"]["alpn_protocols"] == ["istio-peer-exchange", "istio"]
+    assert plain["match"] == {}
+    assert plain["transport_socket"]["name"] == "envoy.transport_sockets.raw_buffer"
+    endpoints = data[ENDPOINT][RATINGS_CLUSTER]["endpoints"][0]["lb_endpoints"]
+    by_port = {e["endpoint"]["address"]["socket_address"]["port_value"]: e for e in endpoints}
+    assert by_port[7101]["metadata"] == {
+        "filter_metadata": {"envoy.transport_socket_match": {"tlsMode": "istio"}}
+    }
+    assert "metadata" not in by_port[7102]
+    # The protobuf form takes them too (RawBuffer's type is known to the translation).
+    message: Any = translate(PRODUCTPAGE, compile_text(tmp_path, SIDECAR + "---\n" + AUTO),
+                             certificates=True)[CLUSTER][RATINGS_CLUSTER]  # fmt: skip
+    assert [m.name for m in message.transport_socket_matches] == [
+        "tlsMode-istio", "tlsMode-disabled"
+    ]  # fmt: skip
+    assert message.transport_socket_matches[1].transport_socket.typed_config.type_url.endswith(
+        "RawBuffer"
+    )
+
+
+def test_auto_mtls_needs_the_ca_and_yields_to_the_destination_rule(tmp_path: Path) -> None:
+    without_ca = translate_data(
+        PRODUCTPAGE, compile_text(tmp_path, SIDECAR + "---\n" + AUTO), certificates=False
+    )
+    assert "transport_socket_matches" not in without_ca[CLUSTER][RATINGS_CLUSTER]
+    disable = (
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n"
+        "metadata: {name: ratings, namespace: shop}\n"
+        "spec: {host: ratings, trafficPolicy: {tls: {mode: DISABLE}}}\n"
+    )
+    data = translate_data(
+        PRODUCTPAGE, compile_text(tmp_path, SIDECAR + "---\n" + AUTO + disable), certificates=True
+    )
+    cluster = data[CLUSTER][RATINGS_CLUSTER]
+    assert "transport_socket_matches" not in cluster
+    assert "transport_socket" not in cluster
+    # ISTIO_MUTUAL in the rule: every endpoint, as before.
+    reviews = data[CLUSTER]["outbound|9080||reviews.shop.svc.cluster.local"]
+    assert "transport_socket" in reviews
+    assert "transport_socket_matches" not in reviews
 
 
 def test_translate_makes_protobuf_listeners(tmp_path: Path) -> None:

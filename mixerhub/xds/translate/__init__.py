@@ -16,7 +16,8 @@ share one host.
   listeners (nothing says where to listen).
 - Clusters (mixerhub.xds.translate.clusters) are named as Istio names them,
   ``outbound|PORT|SUBSET|HOST``; STATIC services have EDS clusters whose ClusterLoadAssignment
-  has the same name, DNS ones inline endpoints.
+  has the same name, DNS ones inline endpoints. With the CA, auto mTLS: a DestinationRule
+  without TLS settings means mTLS to endpoints labelled ``security.istio.io/tlsMode: istio``.
 - Routes (mixerhub.xds.translate.routes) come from VirtualServices; a service without one gets
   a default route to its cluster. An egress entry imports VirtualServices as it imports
   services: by their namespace and hosts.
@@ -88,7 +89,7 @@ def translate_data(
     services = reachable(networking, proxy, sidecar)
     calls = hub_calls(proxy, snapshot)
 
-    clusters = ClusterBuilder()
+    clusters = ClusterBuilder(auto_mtls=certificates)
     for service in services:
         clusters.service(service, networking.destination_rule(proxy.namespace, service))
     listeners: dict[str, dict[str, Any]] = {}

@@ -51,13 +51,25 @@ def address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+# Istio's label on workloads that have a sidecar to talk mTLS with, and the endpoint metadata
+# auto mTLS matches on (pilot's model.TLSModeLabelName and EnvoyTransportSocketMetadataKey).
+TLS_MODE_LABEL: Final = "security.istio.io/tlsMode"
+_TRANSPORT_SOCKET_MATCH: Final = "envoy.transport_socket_match"
+
+
 def load_assignment(name: str, instances: Iterable[Instance]) -> dict[str, Any]:
-    """A ClusterLoadAssignment (one locality: the hub knows of no others)."""
+    """A ClusterLoadAssignment (one locality: the hub knows of no others). An endpoint whose
+    workload says it has a sidecar (``security.istio.io/tlsMode: istio``) carries it in its
+    metadata, for auto mTLS."""
     endpoints = []
     for i in instances:
         lb_endpoint: dict[str, Any] = {"endpoint": {"address": address(i.address, i.port)}}
         if i.weight:
             lb_endpoint["load_balancing_weight"] = i.weight
+        if i.labels.get(TLS_MODE_LABEL) == "istio":
+            lb_endpoint["metadata"] = {
+                "filter_metadata": {_TRANSPORT_SOCKET_MATCH: {"tlsMode": "istio"}}
+            }
         endpoints.append(lb_endpoint)
     return {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}] if endpoints else []}
 
@@ -67,11 +79,17 @@ def _selects(labels: dict[str, str], instance: Instance) -> bool:
 
 
 class ClusterBuilder:
-    """Collects clusters and load assignments; both keyed by name."""
+    """Collects clusters and load assignments; both keyed by name.
 
-    def __init__(self) -> None:
+    With ``auto_mtls`` (the hub serves certificates), a cluster whose DestinationRule says
+    nothing of TLS talks Istio mTLS to the endpoints that have a sidecar and plaintext to the
+    others, as Istio's auto mTLS does: by transport socket matches on the endpoints' metadata.
+    """
+
+    def __init__(self, auto_mtls: bool = False) -> None:
         self.clusters: dict[str, dict[str, Any]] = {}
         self.endpoints: dict[str, dict[str, Any]] = {}
+        self.auto_mtls = auto_mtls
 
     def service(self, service: Service, rule: DestinationRule | None) -> None:
         for port in service.ports:
@@ -129,6 +147,13 @@ class ClusterBuilder:
         if policy.tls is not None and policy.tls.mode == "ISTIO_MUTUAL":
             sni = policy.tls.sni or names.tls_sni(port.number, service.hostname, subset)
             cluster["transport_socket"] = istio_mutual(sni)
+        elif policy.tls is None and self.auto_mtls and cluster["type"] != "ORIGINAL_DST":
+            sni = names.tls_sni(port.number, service.hostname, subset)
+            cluster["transport_socket_matches"] = [
+                {"name": "tlsMode-istio", "match": {"tlsMode": "istio"},
+                 "transport_socket": istio_mutual(sni)},
+                {"name": "tlsMode-disabled", "match": {}, "transport_socket": _RAW_BUFFER},
+            ]  # fmt: skip
         self.clusters[name] = cluster
 
     def inbound(self, ingress: IngressListener) -> str:
@@ -246,6 +271,12 @@ def _apply_outlier_detection(cluster: dict[str, Any], o: OutlierDetection) -> No
     cluster["outlier_detection"] = out
     if o.min_health_percent is not None:
         cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": o.min_health_percent}}
+
+
+_RAW_BUFFER: Final = {
+    "name": "envoy.transport_sockets.raw_buffer",
+    "typed_config": {"@type": _TYPE + "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"},
+}
 
 
 def istio_mutual(sni: str) -> dict[str, Any]:
