@@ -44,7 +44,7 @@ from redis.exceptions import NoScriptError
 
 from mixerhub.monitoring import REGISTRY
 from mixerhub.ratelimit.backend import Charge, Outcome
-from mixerhub.ratelimit.resp import RedisReplyError, ScriptConnection
+from mixerhub.ratelimit.resp import RedisReplyError, ScriptConnection, bulk
 
 log = logging.getLogger("mixerhub.ratelimit.redis")
 
@@ -218,6 +218,23 @@ return out
 """
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 _ALGORITHMS = {"fixed_window": "f", "rolling_window": "r", "token_bucket": "t"}
+_REDIS_NOW = bulk("")  # ARGV[1] empty: the script reads Redis's TIME
+
+
+class _Encoded(NamedTuple):
+    """A charge's part of an EVALSHA, as RESP, kept while its Charge object is reused (the
+    service keeps one per descriptor)."""
+
+    charge: Charge  # held, so that its id cannot name another charge meanwhile
+    key: str
+    key_bulk: bytes
+    args: bytes  # limit, unit, algorithm, enforced: every argument but hits
+
+
+@functools.lru_cache(maxsize=64)
+def _evalsha_head(keys: int) -> bytes:
+    """EVALSHA's array header, name, SHA and key count, for a script over ``keys`` keys."""
+    return b"*%d\r\n%s%s%s" % (4 + 6 * keys, bulk("EVALSHA"), bulk(SCRIPT_SHA), bulk(keys))
 
 
 def redis_key(charge: Charge, prefix: str = "mixerhub:rl") -> str:
@@ -409,6 +426,7 @@ class RedisBackend:
         self._down_until = 0.0
         # Redis key -> monotonic time until which nothing fits (enforced keys only).
         self._over: OrderedDict[str, float] = OrderedDict()
+        self._encoded: dict[int, _Encoded] = {}  # by id(charge)
 
     @classmethod
     def from_url(
@@ -436,27 +454,18 @@ class RedisBackend:
     async def _take(self, charges: Sequence[Charge], now: float | None) -> Sequence[Outcome]:
         if not charges:
             return []
-        keys = [redis_key(c, self.prefix) for c in charges]
+        encoded = [self._encoding(c) for c in charges]
         local = self._clock()
-        if now is None:
-            cached = self._cached(charges, keys, local)
+        if now is None and self._over:
+            cached = self._cached(charges, encoded, local)
             if cached is not None:
                 WITHOUT_REDIS.labels("cache").inc()
                 return cached
         if local < self._down_until:
             WITHOUT_REDIS.labels("failure_policy").inc()
             return self._policy(charges)
-        args: list[str | int] = ["" if now is None else str(round(now * _US))]
-        for c in charges:
-            args += [
-                c.hits,
-                c.limit,
-                c.unit_seconds * _US,
-                _ALGORITHMS[c.algorithm],
-                1 if c.enforced else 0,
-            ]
         try:
-            raw = await asyncio.wait_for(self._run(keys, args), self.timeout)
+            raw = await self._run(encoded, now)
         except Exception as e:
             reason = "timeout" if isinstance(e, TimeoutError) else "error"
             FAILURES.labels(reason).inc()
@@ -465,23 +474,74 @@ class RedisBackend:
             log.warning("Redis %s (%s); answering %s", reason, e or type(e).__name__, self.failure)
             return self._policy(charges)
         outcomes: list[Outcome] = []
-        for i, c in enumerate(charges):
-            over, charged, remaining, reset, retry = (int(v) for v in raw[i * 5 : i * 5 + 5])
-            outcomes.append(Outcome(bool(over), bool(charged), max(0, remaining), reset / _US))
-            if over and c.enforced and remaining <= 0 and retry > 0 and now is None:
-                self._remember(keys[i], local + retry / _US)
+        b = 0
+        for c in charges:
+            # Five integers per charge: over, charged, remaining, reset (µs), retry (µs).
+            over, remaining = raw[b], raw[b + 2]
+            outcomes.append(
+                Outcome(over != 0, raw[b + 1] != 0, max(0, remaining), raw[b + 3] / _US)
+            )
+            if over and c.enforced and remaining <= 0 and raw[b + 4] > 0 and now is None:
+                self._remember(encoded[b // 5].key, local + raw[b + 4] / _US)
+            b += 5
         return outcomes
 
-    async def _run(self, keys: list[str], args: list[str | int]) -> list[Any]:
+    def _encoding(self, c: Charge) -> _Encoded:
+        e = self._encoded.get(id(c))
+        if e is None or e.charge is not c:
+            key = redis_key(c, self.prefix)
+            fixed = (
+                c.limit,
+                c.unit_seconds * _US,
+                _ALGORITHMS[c.algorithm],
+                1 if c.enforced else 0,
+            )
+            e = _Encoded(c, key, bulk(key), b"".join(map(bulk, fixed)))
+            if len(self._encoded) >= _MAX_CACHED:
+                self._encoded.clear()
+            self._encoded[id(c)] = e
+        return e
+
+    async def _run(self, encoded: list[_Encoded], now: float | None) -> list[Any]:
+        keys = [e.key for e in encoded]
         if self._script is not None:
+            parts = [_evalsha_head(len(encoded)), *(e.key_bulk for e in encoded)]
+            parts.append(_REDIS_NOW if now is None else bulk(str(round(now * _US))))
+            for e in encoded:
+                parts += (bulk(e.charge.hits), e.args)
+            resp = b"".join(parts)
             try:
-                result = await self._script.call("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
-            except RedisReplyError as e:
-                if not str(e).startswith("NOSCRIPT"):
+                result = await self._script.send(resp, self.timeout)
+            except RedisReplyError as err:
+                if not str(err).startswith("NOSCRIPT"):
                     raise
-                await self._script.call("SCRIPT", "LOAD", SCRIPT)
-                result = await self._script.call("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
+                result = await asyncio.wait_for(self._reload(resp), self.timeout)
             return list(result)
+        return await asyncio.wait_for(
+            self._run_by_client(keys, self._args(encoded, now)), self.timeout
+        )
+
+    async def _reload(self, resp: bytes) -> Any:
+        """Redis lost the script (a restart, SCRIPT FLUSH): load it and run the call again."""
+        assert self._script is not None
+        await self._script.call("SCRIPT", "LOAD", SCRIPT)
+        return await self._script.send(resp, self.timeout)
+
+    @staticmethod
+    def _args(encoded: list[_Encoded], now: float | None) -> list[str | int]:
+        args: list[str | int] = ["" if now is None else str(round(now * _US))]
+        for e in encoded:
+            c = e.charge
+            args += [
+                c.hits,
+                c.limit,
+                c.unit_seconds * _US,
+                _ALGORITHMS[c.algorithm],
+                int(c.enforced),
+            ]
+        return args
+
+    async def _run_by_client(self, keys: list[str], args: list[str | int]) -> list[Any]:
         if not self._loaded:
             await self.client.script_load(SCRIPT)
             self._loaded = True
@@ -493,14 +553,14 @@ class RedisBackend:
         return list(result)
 
     def _cached(
-        self, charges: Sequence[Charge], keys: list[str], now: float
+        self, charges: Sequence[Charge], encoded: list[_Encoded], now: float
     ) -> list[Outcome] | None:
         hit = False
         overs: list[float | None] = []
-        for c, k in zip(charges, keys, strict=True):
-            until = self._over.get(k) if c.enforced and c.hits > 0 else None
+        for c, e in zip(charges, encoded, strict=True):
+            until = self._over.get(e.key) if c.enforced and c.hits > 0 else None
             if until is not None and until <= now:
-                del self._over[k]
+                del self._over[e.key]
                 until = None
             overs.append(until)
             hit = hit or until is not None
