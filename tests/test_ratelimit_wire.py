@@ -67,7 +67,7 @@ def test_garbage_is_a_malformed_request(data: bytes) -> None:
         wire.read_request(data)
 
 
-@pytest.mark.parametrize("remaining", [0, 1, 127, 128, 99_999_999, 2**32 - 1])
+@pytest.mark.parametrize("remaining", [0, 1, 127, 128, 16_383, 16_384, 99_999_999, 2**32 - 1])
 @pytest.mark.parametrize("reset", [0, 1, 59, 300, 31_536_000, -1])
 @pytest.mark.parametrize("code", [OK, OVER])
 def test_statuses_are_written_byte_for_byte_as_protobuf_writes_them(

@@ -37,6 +37,8 @@ def varint(n: int) -> bytes:
     """A protobuf varint; a negative int64 as its 64-bit two's complement, as protobuf does."""
     if 0 <= n < 0x80:
         return _SMALL[n]
+    if 0 < n < 0x4000:
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     n &= _U64
     out = bytearray()
     while n >= 0x80:
@@ -126,14 +128,17 @@ def current_limit(rate_limit: rls_pb2.RateLimitResponse.RateLimit) -> bytes:
 
 def status(code: int, limit: bytes, remaining: int, reset_seconds: int) -> bytes:
     """One DescriptorStatus as a RateLimitResponse.statuses field."""
-    body = b"%c%c%s%s%s" % (
-        _S_CODE,
-        code,
-        limit,
-        b"%c%s" % (_S_REMAINING, varint(remaining)) if remaining else b"",
-        _duration(reset_seconds),
-    )
-    return b"%c%s%s" % (_STATUS, varint(len(body)), body)
+    # The hot path of every answer: single-byte varints are inlined.
+    body = _CODE_FIELDS[code] + limit
+    if remaining:
+        body += _REMAINING_TAG + (_SMALL[remaining] if 0 < remaining < 0x80 else varint(remaining))
+    body += _duration(reset_seconds)
+    size = len(body)
+    return _STATUS_TAG + (_SMALL[size] if size < 0x80 else varint(size)) + body
+
+
+_CODE_FIELDS = {code: bytes((_S_CODE, code)) for code in (OK, OVER_LIMIT)}
+_REMAINING_TAG, _STATUS_TAG = bytes((_S_REMAINING,)), bytes((_STATUS,))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -158,7 +163,10 @@ def header(key: str, value: str) -> bytes:
 
 
 def response(code: int, statuses: list[bytes], headers: bytes = b"") -> bytes:
-    return b"%c%c%s%s" % (_CODE, code, b"".join(statuses), headers)
+    return _OVERALL[code] + b"".join(statuses) + headers
+
+
+_OVERALL = {code: bytes((_CODE, code)) for code in (OK, OVER_LIMIT)}
 
 
 _REMAINING_KEY = field(0x0A, b"RateLimit-Remaining")
@@ -172,6 +180,14 @@ def limit_header(requests_per_unit: int) -> bytes:
 
 def remaining_headers(remaining: int, reset_seconds: int) -> bytes:
     """The RateLimit-Remaining and RateLimit-Reset header fields."""
-    return field(_HEADER, _REMAINING_KEY + field(0x12, b"%d" % remaining)) + field(
-        _HEADER, _RESET_KEY + field(0x12, b"%d" % reset_seconds)
-    )
+    return _value_header(_REMAINING_KEY, remaining) + _reset_header(reset_seconds)
+
+
+def _value_header(key: bytes, value: int) -> bytes:
+    digits = b"%d" % value  # a header value is short: every length below is one byte
+    return b"\x1a%c%s\x12%c%s" % (len(key) + 2 + len(digits), key, len(digits), digits)
+
+
+@functools.lru_cache(maxsize=4096)
+def _reset_header(reset_seconds: int) -> bytes:
+    return _value_header(_RESET_KEY, reset_seconds)
