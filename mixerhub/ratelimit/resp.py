@@ -2,12 +2,12 @@
 
 redis-py spends about a hundred microseconds of Python per command packing arguments and
 checking connections out of its pool; a decision here is one EVALSHA whose arguments are
-already strings and numbers. This connection writes each EVALSHA as RESP bytes the moment it is
-asked for, into a buffer written out once per turn of the event loop, so the decisions made at
-the same time share one write, the socket and its round trip (Redis answers in order), and
-hiredis parses the replies. A caller may build its command's RESP bytes itself (``send``) from
-pieces it keeps encoded. It is used for a single Redis server over
-plain TCP; TLS, Sentinel and Cluster keep redis-py.
+already encoded. This connection queues each command as RESP bytes the moment it is asked for
+and writes the queue once per turn of the event loop, so the decisions made at the same time
+share one write, the socket and its round trip (Redis answers in order); replies are parsed by
+hiredis straight from the transport's data_received (an asyncio Protocol: no reader task, no
+stream buffer). A caller may build its command's RESP bytes itself (``send``) from pieces it
+keeps encoded.
 
 A lost connection fails the calls in flight (the backend's failure policy answers them) and the
 next call connects again.
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
+import ssl
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hiredis
@@ -42,6 +43,9 @@ def bulk(part: str | int | bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
+Address = tuple[str, int]
+
+
 class ScriptConnection:
     def __init__(
         self,
@@ -53,14 +57,20 @@ class ScriptConnection:
         password: str | None = None,
         connect_timeout: float = 1.0,
         on_connect: tuple[tuple[str | int | bytes, ...], ...] = (),
+        tls: ssl.SSLContext | None = None,
+        locate: Callable[[], Awaitable[Address]] | None = None,
     ) -> None:
         self.host, self.port, self.db = host, port, db
         self.username, self.password = username, password
         self.connect_timeout = connect_timeout
         # Commands every new connection runs first (e.g. SCRIPT LOAD), before any call's.
         self.on_connect = on_connect
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self.tls = tls
+        # Where to connect, asked again before every connection (a Sentinel's current master);
+        # None: host and port.
+        self.locate = locate
+        self._transport: asyncio.Transport | None = None
+        self._parser = hiredis.Reader(replyError=RedisReplyError)
         # Each command's reply future, and the timer that fails it when it takes too long.
         self._waiting: collections.deque[tuple[asyncio.Future[Any], asyncio.TimerHandle | None]] = (
             collections.deque()
@@ -68,22 +78,26 @@ class ScriptConnection:
         self._lock = asyncio.Lock()
         self._out: list[bytes] = []  # commands not written yet, in order
 
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None
+
     async def call(self, *parts: str | int | bytes) -> Any:
         """Send one command and wait for its reply; RedisReplyError for an error reply,
         ConnectionError (or OSError) when the connection fails."""
-        if self._writer is None:
+        if self._transport is None:
             await self._connect()
         return await self._send(command(*parts))
 
     async def send(self, resp: bytes, timeout: float) -> Any:
         """Send one command already encoded as RESP and wait for its reply, at most
         ``timeout`` seconds (then TimeoutError); otherwise as ``call``."""
-        if self._writer is None:
+        if self._transport is None:
             await self._connect()
         return await self._send(resp, timeout)
 
     def _send(self, resp: bytes, timeout: float | None = None) -> asyncio.Future[Any]:
-        if self._writer is None:
+        if self._transport is None:
             raise ConnectionError("not connected to Redis")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -97,63 +111,74 @@ class ScriptConnection:
 
     def _flush(self) -> None:
         out, self._out = self._out, []
-        if self._writer is not None and out:
-            self._writer.write(b"".join(out))
+        if self._transport is not None and out:
+            self._transport.write(b"".join(out))
 
     async def _connect(self) -> None:
         async with self._lock:  # one connection, however many calls find it missing
-            if self._writer is not None:
+            if self._transport is not None:
                 return
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), self.connect_timeout
-            )
-            self._writer = writer
-            self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
-            first: list[tuple[str | int | bytes, ...]] = []
-            if self.password is not None:
-                first.append(("AUTH", self.username, self.password) if self.username
-                             else ("AUTH", self.password))  # fmt: skip
-            if self.db:
-                first.append(("SELECT", self.db))
-            first += self.on_connect
-            # Written before this coroutine yields, so they precede every other call's command
-            # on the connection (Redis runs a connection's commands in order).
-            replies = [self._send(command(*parts)) for parts in first]
-            try:
-                for reply in replies:
-                    await reply
-            except Exception as e:
-                self._lost(e)
-                raise
+            await asyncio.wait_for(self._open(), self.connect_timeout)
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        parser = hiredis.Reader(replyError=RedisReplyError)
+    async def _open(self) -> None:
+        host, port = (self.host, self.port) if self.locate is None else await self.locate()
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_connection(
+            lambda: _Replies(self),
+            host,
+            port,
+            ssl=self.tls,
+            server_hostname=host if self.tls is not None else None,
+        )
+        self._parser = hiredis.Reader(replyError=RedisReplyError)
+        self._transport = transport
+        first: list[tuple[str | int | bytes, ...]] = []
+        if self.password is not None:
+            first.append(("AUTH", self.username, self.password) if self.username
+                         else ("AUTH", self.password))  # fmt: skip
+        if self.locate is not None:
+            first.append(("ROLE",))  # a Sentinel may name a master that was just demoted
+        if self.db:
+            first.append(("SELECT", self.db))
+        first += self.on_connect
+        # Queued before this coroutine yields, so they precede every other call's command on
+        # the connection (Redis runs a connection's commands in order).
+        replies = [self._send(command(*parts)) for parts in first]
         try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    raise ConnectionError("Redis closed the connection")
-                parser.feed(data)
-                while (reply := parser.gets()) is not False:
-                    future, timer = self._waiting.popleft()
-                    if timer is not None:
-                        timer.cancel()
-                    if future.done():  # its caller gave up (timeout) meanwhile
-                        continue
-                    if isinstance(reply, RedisReplyError):
-                        future.set_exception(reply)
-                    else:
-                        future.set_result(reply)
-        except asyncio.CancelledError:
-            self._lost(ConnectionError("connection closed"))
-            raise
+            for parts, reply in zip(first, replies, strict=True):
+                answer = await reply
+                if parts == ("ROLE",) and (not answer or answer[0] != b"master"):
+                    raise ConnectionError(f"{host}:{port} is not a master")
         except Exception as e:
             self._lost(e)
+            raise
+
+    def _received(self, data: bytes) -> None:
+        parser = self._parser
+        parser.feed(data)
+        waiting = self._waiting
+        while (reply := parser.gets()) is not False:
+            if not waiting:
+                self._lost(ConnectionError("a reply from Redis that no command asked for"))
+                return
+            future, timer = waiting.popleft()
+            if timer is not None:
+                timer.cancel()
+            if future.done():  # its caller gave up (timeout) meanwhile
+                continue
+            if isinstance(reply, RedisReplyError):
+                future.set_exception(reply)
+                if str(reply).startswith("READONLY"):
+                    # A demoted master (after a failover): the next call finds the new one.
+                    self._lost(ConnectionError("Redis is no longer the master"))
+                    return
+            else:
+                future.set_result(reply)
 
     def _lost(self, error: Exception) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
         self._out = []
         waiting, self._waiting = self._waiting, collections.deque()
         for future, timer in waiting:
@@ -163,12 +188,22 @@ class ScriptConnection:
                 future.set_exception(error)
 
     async def aclose(self) -> None:
-        task, self._reader_task = self._reader_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         self._lost(ConnectionError("connection closed"))
+
+
+class _Replies(asyncio.Protocol):
+    """The transport's side of a ScriptConnection: bytes in go to its parser."""
+
+    def __init__(self, connection: ScriptConnection) -> None:
+        self.connection = connection
+
+    def data_received(self, data: bytes) -> None:
+        self.connection._received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        c = self.connection
+        if c._transport is not None and c._transport.get_protocol() is self:
+            c._lost(exc or ConnectionError("Redis closed the connection"))
 
 
 def _expire(future: asyncio.Future[Any]) -> None:
