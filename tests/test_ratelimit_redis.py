@@ -31,10 +31,12 @@ from mixerhub.ratelimit.redis import RedisBackend, redis_key
 from tests.harness import LOOPBACK, Hub, HubFactory, ProcessGroup, process_group
 from tests.redis_server import (
     RedisServer,
+    make_ca_and_server_cert,
     requires_redis,
     start_cluster_node,
     start_redis,
     start_sentinel,
+    start_tls_redis,
 )
 from tests.test_ratelimit import ask, compile_texts
 
@@ -459,6 +461,35 @@ async def test_a_sentinel_url_finds_its_master(tmp_path: Path, processes: Proces
         assert evalsha_calls(master.port) == 3  # the fourth came from the local cache
     finally:
         await b.aclose()
+
+
+async def test_tls_decisions_are_pipelined_over_one_verified_connection(
+    tmp_path: Path, processes: ProcessGroup
+) -> None:
+    server = start_tls_redis(processes, tmp_path)
+    admin = redis.Redis(host=LOOPBACK, port=server.port, ssl=True, ssl_ca_certs=str(server.ca_file))
+    b = RedisBackend.from_url(server.url(), timeout=1.0)
+    try:
+        charges = [[charge(f"tls{i % 10}", "fixed_window", 10_000)] for i in range(300)]
+        outcomes = await asyncio.gather(*(b.take(c) for c in charges))
+        assert all(o[0].charged for o in outcomes)
+        assert admin.info("commandstats")["cmdstat_evalsha"]["calls"] == 300
+        # redis-py would have opened a connection per concurrent call: ours and the admin's.
+        assert int(admin.info("clients")["connected_clients"]) <= 2
+    finally:
+        await b.aclose()
+    # A CA that did not sign the server's certificate: refused, the failure policy answers.
+    other_ca, _, _ = make_ca_and_server_cert(tmp_path, "other")
+    untrusting = RedisBackend.from_url(server.url(other_ca), timeout=1.0)
+    errors = counter("mixerhub_ratelimit_redis_failures", "error")
+    try:
+        [outcome] = await untrusting.take([charge("mitm", "fixed_window", 5)])
+        assert (outcome.over_limit, outcome.charged) == (False, False)
+        assert counter("mixerhub_ratelimit_redis_failures", "error") == errors + 1
+        assert admin.info("commandstats")["cmdstat_evalsha"]["calls"] == 300
+    finally:
+        await untrusting.aclose()
+        admin.close()
 
 
 @pytest.mark.parametrize(

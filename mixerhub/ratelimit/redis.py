@@ -18,7 +18,11 @@ A key seen with nothing left is remembered locally until it can fit one hit agai
 OVER_LIMIT without Redis. When Redis fails or takes longer than ``timeout`` (15 ms by default,
 inside Envoy's 20 ms), the failure policy answers (allow by default, as Envoy's
 failure_mode_deny is false), the failure is counted, and after ``backoff`` the next call tries
-Redis again (redis-py's pool reconnects): a decision never waits for a dead server or raises.
+Redis again (the connection is made again): a decision never waits for a dead server or raises.
+
+One server or a Sentinel's master, over TCP or TLS, is reached through the script connection of
+resp.py (every decision made at the same moment in one write); a Cluster and a unix socket
+through redis-py, one call per decision.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
@@ -53,6 +57,7 @@ DEFAULT_TIMEOUT = 0.015
 DEFAULT_BACKOFF = 0.05
 _US = 1_000_000
 _MAX_CACHED = 100_000
+_CONNECT_TIMEOUT = 1.0
 
 FAILURES = Counter(
     "mixerhub_ratelimit_redis_failures",
@@ -375,23 +380,39 @@ def _hosts(
 
 
 def _script_connection(client: Client, timeout: float) -> ScriptConnection | None:
-    """A ScriptConnection to the same server as ``client``, when that is one server over plain
-    TCP (redis:// URLs); None otherwise."""
+    """A ScriptConnection to the server ``client`` talks to, when that is one server or a
+    Sentinel's master, over TCP or TLS; None for a Cluster or a unix socket."""
     if not isinstance(client, aioredis.Redis):
         return None
     pool = client.connection_pool
-    # Sentinel-managed, TLS and unix-socket connections have classes of their own.
-    if pool.connection_class is not aioredis.Connection:
-        return None
     kw = pool.connection_kwargs
+    cls = pool.connection_class
+    locate = None
+    if isinstance(pool, SentinelConnectionPool):
+        manager, service = pool.sentinel_manager, pool.service_name
+
+        async def locate() -> tuple[str, int]:
+            host, port = await manager.discover_master(service)
+            return str(host), int(port)
+
+    elif cls not in (aioredis.Connection, aioredis.SSLConnection):
+        return None  # a unix socket
+    tls = None
+    if issubclass(cls, aioredis.SSLConnection):
+        # redis-py's own reading of the URL's ssl_* settings, made into a context as it would.
+        tls = cls(**kw).ssl_context.get()
     return ScriptConnection(
         kw.get("host", "localhost"),
         int(kw.get("port", 6379)),
         db=int(kw.get("db", 0) or 0),
         username=kw.get("username"),
         password=kw.get("password"),
-        connect_timeout=timeout,
+        # A connection may take longer than a decision may wait (a Sentinel's answer, a TLS
+        # handshake, SCRIPT LOAD): decisions stop waiting at ``timeout``, connecting goes on.
+        connect_timeout=max(timeout, _CONNECT_TIMEOUT),
         on_connect=(("SCRIPT", "LOAD", SCRIPT),),
+        tls=tls,
+        locate=locate,
     )
 
 
@@ -419,8 +440,8 @@ class RedisBackend:
         self.backoff = backoff
         self.prefix = prefix
         self._clock = clock
-        # A single server over TCP: the script runs over a connection of our own (resp.py),
-        # pipelined. TLS, Sentinel and Cluster keep redis-py, one call per decision.
+        # One server or a Sentinel's master, over TCP or TLS: the script runs over a connection
+        # of our own (resp.py), pipelined. A Cluster keeps redis-py, one call per decision.
         self._script = _script_connection(client, timeout)
         self._loaded = False
         self._down_until = 0.0

@@ -9,8 +9,13 @@ hiredis straight from the transport's data_received (an asyncio Protocol: no rea
 stream buffer). A caller may build its command's RESP bytes itself (``send``) from pieces it
 keeps encoded.
 
-A lost connection fails the calls in flight (the backend's failure policy answers them) and the
-next call connects again.
+It serves every single-master setup: plain TCP, TLS (``tls``: an SSLContext) and a Sentinel's
+master (``locate`` asks the sentinels where it is before every connection; a connection to a
+server that is not, or no longer, a master is dropped, so a failover is followed). A lost
+connection fails the calls in flight (the backend's failure policy answers them) and the next
+call connects again. Connecting runs in a task of its own, bounded by ``connect_timeout``: a
+call gives up waiting on it at its own timeout without cancelling it, so a handshake slower than
+one decision may wait (a Sentinel's answer, TLS, SCRIPT LOAD) still completes.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ class ScriptConnection:
         self._waiting: collections.deque[tuple[asyncio.Future[Any], asyncio.TimerHandle | None]] = (
             collections.deque()
         )
-        self._lock = asyncio.Lock()
+        self._connecting: asyncio.Task[None] | None = None
         self._out: list[bytes] = []  # commands not written yet, in order
 
     @property
@@ -86,14 +91,14 @@ class ScriptConnection:
         """Send one command and wait for its reply; RedisReplyError for an error reply,
         ConnectionError (or OSError) when the connection fails."""
         if self._transport is None:
-            await self._connect()
+            await asyncio.shield(self._connection())
         return await self._send(command(*parts))
 
     async def send(self, resp: bytes, timeout: float) -> Any:
         """Send one command already encoded as RESP and wait for its reply, at most
         ``timeout`` seconds (then TimeoutError); otherwise as ``call``."""
         if self._transport is None:
-            await self._connect()
+            await asyncio.wait_for(asyncio.shield(self._connection()), timeout)
         return await self._send(resp, timeout)
 
     def _send(self, resp: bytes, timeout: float | None = None) -> asyncio.Future[Any]:
@@ -114,10 +119,17 @@ class ScriptConnection:
         if self._transport is not None and out:
             self._transport.write(b"".join(out))
 
+    def _connection(self) -> asyncio.Task[None]:
+        """The task connecting, started when none is (one, however many calls wait on it)."""
+        task = self._connecting
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(self._connect())
+            task.add_done_callback(_retrieve)
+            self._connecting = task
+        return task
+
     async def _connect(self) -> None:
-        async with self._lock:  # one connection, however many calls find it missing
-            if self._transport is not None:
-                return
+        if self._transport is None:
             await asyncio.wait_for(self._open(), self.connect_timeout)
 
     async def _open(self) -> None:
@@ -188,6 +200,10 @@ class ScriptConnection:
                 future.set_exception(error)
 
     async def aclose(self) -> None:
+        task, self._connecting = self._connecting, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
         self._lost(ConnectionError("connection closed"))
 
 
@@ -204,6 +220,12 @@ class _Replies(asyncio.Protocol):
         c = self.connection
         if c._transport is not None and c._transport.get_protocol() is self:
             c._lost(exc or ConnectionError("Redis closed the connection"))
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """A failed connection is its waiting calls' error; nobody else need hear of it."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _expire(future: asyncio.Future[Any]) -> None:
