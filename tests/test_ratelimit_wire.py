@@ -55,6 +55,17 @@ def test_requests_are_read_as_protobuf_reads_them(data: bytes) -> None:
     assert wire.read_request(data) == _by_protobuf(data)
 
 
+@pytest.mark.parametrize(
+    "n",
+    [0, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152, 268_435_455, 268_435_456, 2**63 - 1, -1],
+)
+def test_varints_are_protobufs(n: int) -> None:
+    message = Response.DescriptorStatus(duration_until_reset=duration_pb2.Duration(seconds=n))
+    # seconds (int64) is the only field of the Duration: tag 0x08, then the varint.
+    serialized = message.duration_until_reset.SerializeToString()
+    assert (b"\x08" + wire.varint(n) if n else b"") == serialized
+
+
 def test_hits_addend_keeps_protobufs_uint32_truncation() -> None:
     # hits_addend 2**32 + 5 written as a varint: protobuf reads uint32 5.
     data = b"\x0a\x01d\x18" + wire.varint(2**32 + 5)

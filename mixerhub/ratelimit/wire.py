@@ -39,6 +39,10 @@ def varint(n: int) -> bytes:
         return _SMALL[n]
     if 0 < n < 0x4000:
         return bytes(((n & 0x7F) | 0x80, n >> 7))
+    if 0 < n < 0x10000000:  # up to 268 million: limits and what remains of them
+        if n < 0x200000:
+            return bytes(((n & 0x7F) | 0x80, (n >> 7 & 0x7F) | 0x80, n >> 14))
+        return bytes(((n & 0x7F) | 0x80, (n >> 7 & 0x7F) | 0x80, (n >> 14 & 0x7F) | 0x80, n >> 21))
     n &= _U64
     out = bytearray()
     while n >= 0x80:
