@@ -28,6 +28,7 @@ from mixerhub.rate_limit import RateLimitService
 from mixerhub.ratelimit.backend import Charge, MemoryBackend, Outcome
 from mixerhub.ratelimit.matching import Algorithm
 from mixerhub.ratelimit.redis import RedisBackend, redis_key
+from mixerhub.ratelimit.resp import ScriptConnection, command
 from tests.harness import LOOPBACK, Hub, HubFactory, ProcessGroup, process_group
 from tests.redis_server import (
     RedisServer,
@@ -297,6 +298,33 @@ async def test_a_stopped_redis_costs_one_timeout_and_the_failure_policy_answers(
     finally:
         await allow.aclose()
         await deny.aclose()
+
+
+async def test_each_call_times_out_at_its_own_deadline(
+    shared_redis: RedisServer, sync_redis: redis.Redis
+) -> None:
+    conn = ScriptConnection(LOOPBACK, shared_redis.port)
+    try:
+        assert await conn.call("PING") == b"PONG"
+        os.kill(shared_redis.process.pid, signal.SIGSTOP)
+        try:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            late = asyncio.ensure_future(conn.send(command("PING"), 0.4))
+            soon = asyncio.ensure_future(conn.send(command("ECHO", "x"), 0.05))
+            with pytest.raises(TimeoutError):
+                await soon  # not held back by the later deadline armed first
+            assert loop.time() - start < 0.3
+            assert not late.done()
+            with pytest.raises(TimeoutError):
+                await late
+            assert 0.4 <= loop.time() - start < 1.5
+        finally:
+            os.kill(shared_redis.process.pid, signal.SIGCONT)
+        # The late replies are matched to their commands and dropped: the next reply is ours.
+        assert await conn.call("ECHO", "after") == b"after"
+    finally:
+        await conn.aclose()
 
 
 async def test_the_service_answers_from_redis(backend: RedisBackend) -> None:

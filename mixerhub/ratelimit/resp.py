@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import math
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -78,10 +79,12 @@ class ScriptConnection:
         self.locate = locate
         self._transport: asyncio.Transport | None = None
         self._parser = hiredis.Reader(replyError=RedisReplyError)
-        # Each command's reply future, and the timer that fails it when it takes too long.
-        self._waiting: collections.deque[tuple[asyncio.Future[Any], asyncio.TimerHandle | None]] = (
-            collections.deque()
-        )
+        # Each command's reply future, and the loop time after which it fails (TimeoutError).
+        self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        # One timer for the connection, at the earliest deadline in flight: a timer per call
+        # (call_later, then cancel) costs more than the rest of a command's sending.
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = math.inf
         self._connecting: asyncio.Task[None] | None = None
         self._out: list[bytes] = []  # commands not written yet, in order
 
@@ -108,9 +111,10 @@ class ScriptConnection:
             raise ConnectionError("not connected to Redis")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        # A bare timer rather than asyncio.wait_for, which costs a task per call.
-        timer = None if timeout is None else loop.call_later(timeout, _expire, future)
-        self._waiting.append((future, timer))
+        deadline = math.inf if timeout is None else loop.time() + timeout
+        if deadline < self._expiry_at:
+            self._arm(loop, deadline)
+        self._waiting.append((future, deadline))
         if not self._out and len(self._waiting) == 1:
             # Nothing in flight: written at the end of this turn of the loop. Otherwise the
             # commands wait for the replies in flight and go together (see _received).
@@ -131,6 +135,27 @@ class ScriptConnection:
             task.add_done_callback(_retrieve)
             self._connecting = task
         return task
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry, self._expiry_at = loop.call_at(deadline, self._expire_due), deadline
+
+    def _expire_due(self) -> None:
+        """Fail the calls past their deadline (their commands, sent, still get replies, which
+        are dropped), and wait for the next deadline."""
+        self._expiry, self._expiry_at = None, math.inf
+        loop = asyncio.get_running_loop()
+        now, earliest = loop.time(), math.inf
+        for future, deadline in self._waiting:
+            if future.done():
+                continue
+            if deadline <= now:
+                future.set_exception(TimeoutError("no reply from Redis in time"))
+            elif deadline < earliest:
+                earliest = deadline
+        if earliest < math.inf:
+            self._arm(loop, earliest)
 
     async def _connect(self) -> None:
         if self._transport is None:
@@ -177,9 +202,7 @@ class ScriptConnection:
             if not waiting:
                 self._lost(ConnectionError("a reply from Redis that no command asked for"))
                 return
-            future, timer = waiting.popleft()
-            if timer is not None:
-                timer.cancel()
+            future, _ = waiting.popleft()
             if future.done():  # its caller gave up (timeout) meanwhile
                 continue
             if isinstance(reply, RedisReplyError):
@@ -200,9 +223,10 @@ class ScriptConnection:
             transport.close()
         self._out = []
         waiting, self._waiting = self._waiting, collections.deque()
-        for future, timer in waiting:
-            if timer is not None:
-                timer.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry, self._expiry_at = None, math.inf
+        for future, _ in waiting:
             if not future.done():
                 future.set_exception(error)
 
@@ -233,8 +257,3 @@ def _retrieve(task: asyncio.Task[None]) -> None:
     """A failed connection is its waiting calls' error; nobody else need hear of it."""
     if not task.cancelled():
         task.exception()
-
-
-def _expire(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError("no reply from Redis in time"))
