@@ -83,6 +83,15 @@ class MemoryBackend:
 
     def take_now(self, charges: Sequence[Charge]) -> list[Outcome]:
         now = self._clock()
+        if len(charges) == 1:
+            # Alone, a charge stops no other: taking it is its own check (a window grants all
+            # or nothing), without the peek that several charges need first.
+            c = charges[0]
+            w = self._window(c.algorithm, c.unit_seconds)
+            took = w.take(c.key, c.hits, c.limit, now)
+            if took.granted or not c.hits:
+                return [Outcome(False, True, took.remaining, took.reset_after)]
+            return [Outcome(True, False, took.remaining, _reset(w, took, now))]
         windows = [self._window(c.algorithm, c.unit_seconds) for c in charges]
         # First check every charge (the same key twice in one request adds up), then charge.
         wanted: dict[tuple[int, Hashable], int] = {}
