@@ -161,7 +161,9 @@ def start_tls_redis(group: ProcessGroup, directory: Path) -> TLSRedisServer:
 
 
 def _start(group: ProcessGroup, port: int) -> ManagedProcess:
-    process = group.start("redis", _argv(port))
+    # A master writes an RDB for a replica's full sync, --save "" or not: into the test's
+    # directory (its cwd), not the one pytest runs in.
+    process = group.start("redis", _argv(port), cwd=group.directory)
     try:
         process.wait_ready(tcp_probe(LOOPBACK, port), timeout=10.0)
     except ProcessError:
