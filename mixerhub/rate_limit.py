@@ -12,23 +12,28 @@ failure_mode_deny is false by default), are logged and counted: a call never rai
 Envoy itself turns the statuses into X-RateLimit-* headers (enable_x_ratelimit_headers), so the
 hub adds only the unprefixed RateLimit-Limit / RateLimit-Remaining / RateLimit-Reset of the
 later IETF drafts, from the same status Envoy picks: the limited one with the least remaining.
+
+The gRPC method reads and writes bytes itself (ratelimit/wire.py): each distinct descriptor of a
+domain is worked out once per snapshot into a plan (its limit, its charge, its metric series,
+its current_limit as bytes), found again by the descriptor's serialized bytes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
 
 import grpc
-from envoy.config.core.v3 import base_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
-from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from google.protobuf import duration_pb2
+from envoy.service.ratelimit.v3 import rls_pb2
+from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
 from mixerhub.monitoring import REGISTRY
-from mixerhub.ratelimit.backend import Backend, Charge, MemoryBackend, Outcome
+from mixerhub.ratelimit import wire
+from mixerhub.ratelimit.backend import Backend, Charge, MemoryBackend
 from mixerhub.ratelimit.matching import Domain, Limit, RateLimits, Unit
 from mixerhub.snapshot import Snapshot
 
@@ -43,6 +48,11 @@ DECISIONS = Counter(
 ERRORS = Counter(
     "mixerhub_ratelimit_errors",
     "ShouldRateLimit calls that failed inside the hub and were answered OK.",
+    registry=REGISTRY,
+)
+MALFORMED = Counter(
+    "mixerhub_ratelimit_malformed_requests",
+    "ShouldRateLimit calls whose request could not be parsed, answered INVALID_ARGUMENT.",
     registry=REGISTRY,
 )
 # envoyproxy/ratelimit's per-limit stats; descriptor is the matched configuration path
@@ -67,9 +77,10 @@ SHADOW_MODE = Counter(
     registry=REGISTRY,
 )
 
+SERVICE = "envoy.service.ratelimit.v3.RateLimitService"
+
 _Response = rls_pb2.RateLimitResponse
-_OK = _Response.Code.OK
-_OVER = _Response.Code.OVER_LIMIT
+_OK, _OVER = wire.OK, wire.OVER_LIMIT
 _MAX_UINT32 = 2**32 - 1
 _UNITS: dict[Unit, int] = {
     "second": _Response.RateLimit.Unit.SECOND,
@@ -81,12 +92,20 @@ _UNITS: dict[Unit, int] = {
     "year": _Response.RateLimit.Unit.YEAR,
 }
 _UNIT_NAMES: dict[int, Unit] = {v: k for k, v in _UNITS.items()}
+_OK_STATUS = wire.status_without_limit(_OK)
+_UNLIMITED_STATUS = wire.status_without_limit(_OK, _MAX_UINT32)
+_DECIDED_OK = DECISIONS.labels("OK")
+_DECIDED_OVER = DECISIONS.labels("OVER_LIMIT")
+# Distinct descriptors remembered per domain; past this (e.g. one per client address) the
+# plans start afresh.
+_MAX_PLANS = 50_000
 
 
-class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+class RateLimitService:
     def __init__(self, backend: Backend | None = None) -> None:
         self.backend: Backend = backend if backend is not None else MemoryBackend()
         self.limits = RateLimits()
+        self._domains: dict[bytes, DomainPlans] = {}
 
     async def close(self) -> None:
         """Release the backend's connections (the Redis backend's pool)."""
@@ -95,86 +114,195 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             await aclose()
 
     def activate(self, snapshot: Snapshot) -> None:
-        """A new snapshot: the next call matches its limits (the counters stay)."""
+        """A new snapshot: the next call matches its limits (the counters stay), and every plan
+        made from the previous one is dropped."""
         self.limits = snapshot.rate_limits
+        self._domains = {
+            name.encode(): DomainPlans(domain) for name, domain in self.limits.domains.items()
+        }
+
+    def plans(self, domain: str) -> DomainPlans | None:
+        """The active plans of a domain (None when the snapshot has no such domain)."""
+        return self._domains.get(domain.encode())
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        """ShouldRateLimit as grpc.aio serves it: the request's bytes in, the response's out."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "ShouldRateLimit": grpc.unary_unary_rpc_method_handler(
+                    self.should_rate_limit_bytes,
+                    request_deserializer=None,
+                    response_serializer=None,
+                )
+            },
+        )
 
     async def ShouldRateLimit(
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext | None
     ) -> rls_pb2.RateLimitResponse:
+        """The same decision for a request as a message (tests, in-process callers)."""
+        data = await self.should_rate_limit_bytes(request.SerializeToString(), context)
+        return _Response.FromString(data)
+
+    async def should_rate_limit_bytes(
+        self, data: bytes, context: grpc.aio.ServicerContext | None
+    ) -> bytes:
+        """A serialized RateLimitResponse for a serialized RateLimitRequest. A request that is
+        not one is refused with INVALID_ARGUMENT (Envoy's failure_mode_deny then decides);
+        any other failure answers OK."""
+        descriptors: list[bytes] = []
         try:
-            response = await self.decide(request)
+            domain, descriptors, hits = wire.read_request(data)
+            answer, over = await self.decide(domain, descriptors, hits)
+        except wire.MalformedRequest as e:
+            MALFORMED.inc()
+            if context is None:
+                raise
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"malformed RateLimitRequest: {e}"
+            )
+            raise  # abort raises; this keeps the type checker certain of it
         except Exception:
-            log.exception("ShouldRateLimit failed for domain %r; answering OK", request.domain)
+            log.exception("ShouldRateLimit failed; answering OK")
             ERRORS.inc()
-            response = _Response(
-                overall_code=_OK,
-                statuses=[_Response.DescriptorStatus(code=_OK)] * len(request.descriptors),
-            )
-        DECISIONS.labels("OVER_LIMIT" if response.overall_code == _OVER else "OK").inc()
-        return response
+            answer, over = _all_ok(len(descriptors)), False
+        (_DECIDED_OVER if over else _DECIDED_OK).inc()
+        return answer
 
-    async def decide(self, request: rls_pb2.RateLimitRequest) -> rls_pb2.RateLimitResponse:
-        descriptors = request.descriptors
-        statuses = [_Response.DescriptorStatus(code=_OK) for _ in descriptors]
-        domain = self.limits.domains.get(request.domain)
-        if domain is None:
-            return _Response(overall_code=_OK, statuses=statuses)
-        hits = request.hits_addend or 1
-        entries = [tuple((e.key, e.value) for e in d.entries) for d in descriptors]
-        limits = [_limit(domain, d, e) for d, e in zip(descriptors, entries, strict=True)]
-        replaced = frozenset().union(*(lim.replaces for lim in limits if lim is not None))
-        charged: list[tuple[int, Limit, str]] = []
+    async def decide(
+        self, domain: bytes, descriptors: list[bytes], hits: int
+    ) -> tuple[bytes, bool]:
+        """The serialized response, and whether it is OVER_LIMIT."""
+        plans_of = self._domains.get(domain)
+        if plans_of is None:
+            try:
+                domain.decode()
+            except UnicodeDecodeError:
+                raise wire.MalformedRequest("the domain is not UTF-8") from None
+            return _all_ok(len(descriptors)), False
+        known = plans_of.known
+        plans = [known.get(d) or plans_of.plan(d) for d in descriptors]
+        hits = hits or 1
+        replaced = [p.replaces for p in plans if p.replaces]
+        skipped = frozenset().union(*replaced) if replaced else frozenset()
+        statuses: list[bytes] = []
+        charged: list[tuple[int, DescriptorPlan]] = []
         charges: list[Charge] = []
-        for i, limit in enumerate(limits):
-            if limit is None or (limit.name and limit.name in replaced):
+        for i, plan in enumerate(plans):
+            if plan.total_hits is None or (skipped and plan.name and plan.name in skipped):
+                statuses.append(_OK_STATUS)
                 continue
-            label = _label(limit, entries[i])
-            _child(TOTAL_HITS, domain.name, label).inc(hits)
-            if limit.unlimited:
-                statuses[i].limit_remaining = _MAX_UINT32
+            plan.total_hits.inc(hits)
+            if plan.unlimited:
+                statuses.append(_UNLIMITED_STATUS)
                 continue
-            charged.append((i, limit, label))
-            charges.append(
-                Charge(
-                    (domain.name, entries[i]),
-                    hits,
-                    limit.requests_per_unit,
-                    limit.unit_seconds,
-                    limit.algorithm,
-                    enforced=not limit.shadow_mode,
-                )
-            )
-        outcomes = await self.backend.take(charges) if charges else ()
+            statuses.append(b"")  # its outcome's, below
+            charged.append((i, plan))
+            charges.append(plan.charge if hits == 1 else plan.charge_of(hits))
+        if not charges:
+            return wire.response(_OK, statuses), False
+        outcomes = await self.backend.take(charges)
         over = False
-        for (i, limit, label), outcome in zip(charged, outcomes, strict=True):
-            _count(domain.name, label, limit, hits, outcome)
-            denied = outcome.over_limit and not limit.shadow_mode
-            over = over or denied
-            statuses[i] = _Response.DescriptorStatus(
-                code=_OVER if denied else _OK,
-                current_limit=_rate_limit(limit),
-                limit_remaining=0 if outcome.over_limit else outcome.remaining,
-                duration_until_reset=duration_pb2.Duration(seconds=math.ceil(outcome.reset_after)),
-            )
-        response = _Response(overall_code=_OVER if over else _OK, statuses=statuses)
-        if charged:
-            response.response_headers_to_add.extend(_headers(statuses))
-        return response
+        tightest: tuple[DescriptorPlan, int, int] | None = None
+        for (i, plan), outcome in zip(charged, outcomes, strict=True):
+            code = _OK
+            if outcome.over_limit:
+                plan.count_over(hits)
+                remaining = 0
+                if not plan.shadow_mode:
+                    code = _OVER
+                    over = True
+            else:
+                remaining = outcome.remaining
+                if outcome.charged and remaining * 5 <= plan.requests_per_unit:
+                    plan.count_near(hits)  # at least 80% used
+            reset = math.ceil(outcome.reset_after)
+            statuses[i] = wire.status(code, plan.current_limit, remaining, reset)
+            if tightest is None or remaining < tightest[1]:
+                tightest = (plan, remaining, reset)
+        assert tightest is not None
+        headers = tightest[0].limit_header + wire.remaining_headers(tightest[1], tightest[2])
+        return wire.response(_OVER if over else _OK, statuses, headers), over
 
 
-def _rate_limit(limit: Limit) -> rls_pb2.RateLimitResponse.RateLimit:
-    """The limit as the response states it; made once per configured limit."""
-    message = _RATE_LIMITS.get(limit)
-    if message is None:
-        if len(_RATE_LIMITS) >= _MAX_CHILDREN:  # limits from Envoy's overrides come and go
-            _RATE_LIMITS.clear()
-        message = _RATE_LIMITS[limit] = _Response.RateLimit(
-            name=limit.name, requests_per_unit=limit.requests_per_unit, unit=_UNITS[limit.unit]
+@functools.lru_cache(maxsize=64)
+def _all_ok(descriptors: int) -> bytes:
+    return wire.response(_OK, [_OK_STATUS] * descriptors)
+
+
+class DescriptorPlan:
+    """What one descriptor of one domain leads to, the same on every request until the
+    configuration changes: its limit, the charge it makes, its metric series and the pieces of
+    its status."""
+
+    __slots__ = (
+        "_domain", "_label", "charge", "current_limit", "limit", "limit_header", "name",
+        "replaces", "requests_per_unit", "shadow_mode", "total_hits", "unlimited",
+    )  # fmt: skip
+
+    def __init__(self, domain: str, entries: tuple[tuple[str, str], ...], limit: Limit | None):
+        self.limit = limit
+        self.name = limit.name if limit is not None else ""
+        self.replaces = limit.replaces if limit is not None else frozenset()
+        self.unlimited = limit is not None and limit.unlimited
+        self.shadow_mode = limit is not None and limit.shadow_mode
+        self.requests_per_unit = limit.requests_per_unit if limit is not None else 0
+        self._domain = domain
+        self._label = "" if limit is None else _label(limit, entries)
+        # None: the descriptor matches no limit, and is answered OK without one.
+        self.total_hits = None if limit is None else _child(TOTAL_HITS, domain, self._label)
+        self.charge = Charge(
+            (domain, entries),
+            1,
+            self.requests_per_unit,
+            limit.unit_seconds if limit is not None else 1,
+            limit.algorithm if limit is not None else "fixed_window",
+            enforced=not self.shadow_mode,
         )
-    return message
+        rate_limit = (
+            _Response.RateLimit(
+                name=limit.name, requests_per_unit=limit.requests_per_unit, unit=_UNITS[limit.unit]
+            )
+            if limit is not None
+            else _Response.RateLimit()
+        )
+        self.current_limit = wire.current_limit(rate_limit)
+        self.limit_header = wire.limit_header(self.requests_per_unit)
+
+    def charge_of(self, hits: int) -> Charge:
+        c = self.charge
+        return Charge(c.key, hits, c.limit, c.unit_seconds, c.algorithm, c.enforced)
+
+    def count_over(self, hits: int) -> None:
+        _child(OVER_LIMIT, self._domain, self._label).inc(hits)
+        if self.shadow_mode:
+            _child(SHADOW_MODE, self._domain, self._label).inc(hits)
+
+    def count_near(self, hits: int) -> None:
+        _child(NEAR_LIMIT, self._domain, self._label).inc(hits)
 
 
-_RATE_LIMITS: dict[Limit, rls_pb2.RateLimitResponse.RateLimit] = {}
+class DomainPlans:
+    """A domain's descriptor plans, by the descriptor's serialized bytes (which carry Envoy's
+    limit override too). Made afresh for every snapshot."""
+
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+        self.known: dict[bytes, DescriptorPlan] = {}
+
+    def plan(self, descriptor: bytes) -> DescriptorPlan:
+        """The plan of a descriptor not seen yet; MalformedRequest when it is not one."""
+        try:
+            message = ratelimit_pb2.RateLimitDescriptor.FromString(descriptor)
+        except DecodeError as e:
+            raise wire.MalformedRequest(f"a descriptor: {e}") from None
+        entries = tuple((e.key, e.value) for e in message.entries)
+        plan = DescriptorPlan(self.domain.name, entries, _limit(self.domain, message, entries))
+        if len(self.known) >= _MAX_PLANS:
+            self.known.clear()
+        self.known[descriptor] = plan
+        return plan
 
 
 def _limit(
@@ -199,19 +327,8 @@ def _label(limit: Limit, entries: Sequence[tuple[str, str]]) -> str:
     return limit.path
 
 
-def _count(domain: str, label: str, limit: Limit, hits: int, outcome: Outcome) -> None:
-    if outcome.over_limit:
-        _child(OVER_LIMIT, domain, label).inc(hits)
-        if limit.shadow_mode:
-            _child(SHADOW_MODE, domain, label).inc(hits)
-    elif outcome.charged and (limit.requests_per_unit - outcome.remaining) * 5 >= (
-        limit.requests_per_unit * 4
-    ):
-        _child(NEAR_LIMIT, domain, label).inc(hits)
-
-
-# prometheus_client's labels() validates and locks on every call; a decision counts three or
-# four series, the same ones again and again. Bounded: detailed_metric labels carry values.
+# prometheus_client's labels() validates and locks on every call: plans hold their series.
+# Bounded: detailed_metric labels carry values.
 _CHILDREN: dict[tuple[int, str, str], Counter] = {}
 _MAX_CHILDREN = 10_000
 
@@ -224,19 +341,3 @@ def _child(metric: Counter, domain: str, label: str) -> Counter:
             _CHILDREN.clear()
         child = _CHILDREN[key] = metric.labels(domain, label)
     return child
-
-
-def _headers(
-    statuses: Sequence[rls_pb2.RateLimitResponse.DescriptorStatus],
-) -> list[base_pb2.HeaderValue]:
-    limited = [s for s in statuses if s.HasField("current_limit")]
-    tightest = min(limited, key=lambda s: s.limit_remaining)
-    return [
-        base_pb2.HeaderValue(
-            key="RateLimit-Limit", value=str(tightest.current_limit.requests_per_unit)
-        ),
-        base_pb2.HeaderValue(key="RateLimit-Remaining", value=str(tightest.limit_remaining)),
-        base_pb2.HeaderValue(
-            key="RateLimit-Reset", value=str(tightest.duration_until_reset.seconds)
-        ),
-    ]

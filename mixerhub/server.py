@@ -22,7 +22,7 @@ import grpc
 from aiohttp import web
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2
-from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -119,9 +119,10 @@ class Hub:
 
     async def start(self) -> None:
         o = self.options
-        self.grpc.add_generic_rpc_handlers((self.authorization.generic_handler(),))
+        self.grpc.add_generic_rpc_handlers(
+            (self.authorization.generic_handler(), self.rate_limit.generic_handler())
+        )
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.access_log, self.grpc)
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.rate_limit, self.grpc)
         self.ads.add_to_server(self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(

@@ -1,7 +1,8 @@
 """Real Redis processes on free 127.0.0.1 ports (never 6379), without persistence, registered in
-a test's ProcessGroup so they are stopped whatever happens: a single ``redis-server``, a replica,
-a Sentinel (``redis-server --sentinel`` with a generated config), and a Redis Cluster (nodes with
-``cluster-enabled yes``, joined by ``redis-cli --cluster create``)."""
+a test's ProcessGroup so they are stopped whatever happens: a single ``redis-server`` (over TCP,
+or TLS only with a certificate made for the test), a replica, a Sentinel (``redis-server
+--sentinel`` with a generated config), and a Redis Cluster (nodes with ``cluster-enabled yes``,
+joined by ``redis-cli --cluster create``)."""
 
 from __future__ import annotations
 
@@ -79,8 +80,90 @@ def _argv(port: int) -> list[str]:
     ]  # fmt: skip
 
 
+@dataclass
+class TLSRedisServer:
+    """redis-server listening with TLS only, its certificate signed by a CA of the test's."""
+
+    process: ManagedProcess
+    port: int
+    ca_file: Path  # the CA that signed the server's certificate (for 127.0.0.1)
+
+    def url(self, ca_file: Path | None = None) -> str:
+        """A ``rediss://`` URL trusting ``ca_file`` (the server's CA by default)."""
+        return f"rediss://{LOOPBACK}:{self.port}/0?ssl_ca_certs={ca_file or self.ca_file}"
+
+
+def make_ca_and_server_cert(directory: Path, name: str = "redis") -> tuple[Path, Path, Path]:
+    """A self-signed CA and a server certificate for 127.0.0.1 it signed: (ca, cert, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(
+        subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[str, Any] | None
+    ) -> x509.Certificate:
+        signer_name, signer_key = issuer or (subject, key)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, signer_name)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), True)
+        )
+        if issuer is not None:
+            san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK))])
+            builder = builder.add_extension(san, critical=False)
+        return builder.sign(signer_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = certificate(f"{name} test CA", ca_key, None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = certificate(LOOPBACK, key, (f"{name} test CA", ca_key))
+    paths = directory / f"{name}-ca.pem", directory / f"{name}.pem", directory / f"{name}-key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+def start_tls_redis(group: ProcessGroup, directory: Path) -> TLSRedisServer:
+    """redis-server on a free port that speaks TLS only (clients need no certificate)."""
+    ca, cert, key = make_ca_and_server_cert(directory)
+
+    def attempt() -> TLSRedisServer:
+        port = free_port()
+        argv = [
+            *_argv(0),  # --port 0: no plain TCP listener
+            *("--tls-port", str(port)),
+            *("--tls-cert-file", str(cert), "--tls-key-file", str(key)),
+            *("--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"),
+        ]
+        process = group.start("redis-tls", argv)
+        process.wait_ready(tcp_probe(LOOPBACK, port), timeout=10.0)
+        return TLSRedisServer(process, port, ca)
+
+    return _retry_port_clash(attempt)
+
+
 def _start(group: ProcessGroup, port: int) -> ManagedProcess:
-    process = group.start("redis", _argv(port))
+    # A master writes an RDB for a replica's full sync, --save "" or not: into the test's
+    # directory (its cwd), not the one pytest runs in.
+    process = group.start("redis", _argv(port), cwd=group.directory)
     try:
         process.wait_ready(tcp_probe(LOOPBACK, port), timeout=10.0)
     except ProcessError:

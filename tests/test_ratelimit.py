@@ -14,7 +14,7 @@ from mixerhub import registry
 from mixerhub.monitoring import REGISTRY
 from mixerhub.rate_limit import RateLimitService
 from mixerhub.ratelimit.backend import Charge, MemoryBackend
-from mixerhub.ratelimit.matching import RateLimits
+from mixerhub.ratelimit.matching import Algorithm, RateLimits
 from mixerhub.snapshot import Snapshot
 from mixerhub.store import documents
 from mixerhub.store.compile import Rejected, compile_snapshot
@@ -454,3 +454,15 @@ async def test_counters_survive_a_reload() -> None:
         )
     )
     assert (await ask(s, "svc", [("user", "a")])).overall_code == OVER
+
+
+@pytest.mark.parametrize("algorithm", ["fixed_window", "rolling_window", "token_bucket"])
+def test_a_lone_charge_is_decided_as_one_among_others(algorithm: Algorithm) -> None:
+    # A lone charge skips the peek that several need: the outcomes must not differ.
+    clock = Clock()
+    lone, among = MemoryBackend(clock), MemoryBackend(clock)
+    bystander = Charge(("d", (("other", "x"),)), 1, 10**9, 60, algorithm, enforced=False)
+    for step in range(40):
+        clock.now = 1200.0 + step * 1.7
+        c = Charge(("d", (("k", "v"),)), step % 3, 5, 10, algorithm)
+        assert lone.take_now([c]) == among.take_now([c, bystander])[:1], step

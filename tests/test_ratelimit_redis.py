@@ -28,13 +28,16 @@ from mixerhub.rate_limit import RateLimitService
 from mixerhub.ratelimit.backend import Charge, MemoryBackend, Outcome
 from mixerhub.ratelimit.matching import Algorithm
 from mixerhub.ratelimit.redis import RedisBackend, redis_key
+from mixerhub.ratelimit.resp import ScriptConnection, command
 from tests.harness import LOOPBACK, Hub, HubFactory, ProcessGroup, process_group
 from tests.redis_server import (
     RedisServer,
+    make_ca_and_server_cert,
     requires_redis,
     start_cluster_node,
     start_redis,
     start_sentinel,
+    start_tls_redis,
 )
 from tests.test_ratelimit import ask, compile_texts
 
@@ -297,6 +300,33 @@ async def test_a_stopped_redis_costs_one_timeout_and_the_failure_policy_answers(
         await deny.aclose()
 
 
+async def test_each_call_times_out_at_its_own_deadline(
+    shared_redis: RedisServer, sync_redis: redis.Redis
+) -> None:
+    conn = ScriptConnection(LOOPBACK, shared_redis.port)
+    try:
+        assert await conn.call("PING") == b"PONG"
+        os.kill(shared_redis.process.pid, signal.SIGSTOP)
+        try:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            late = asyncio.ensure_future(conn.send(command("PING"), 0.4))
+            soon = asyncio.ensure_future(conn.send(command("ECHO", "x"), 0.05))
+            with pytest.raises(TimeoutError):
+                await soon  # not held back by the later deadline armed first
+            assert loop.time() - start < 0.3
+            assert not late.done()
+            with pytest.raises(TimeoutError):
+                await late
+            assert 0.4 <= loop.time() - start < 1.5
+        finally:
+            os.kill(shared_redis.process.pid, signal.SIGCONT)
+        # The late replies are matched to their commands and dropped: the next reply is ours.
+        assert await conn.call("ECHO", "after") == b"after"
+    finally:
+        await conn.aclose()
+
+
 async def test_the_service_answers_from_redis(backend: RedisBackend) -> None:
     s = RateLimitService(backend)
     s.activate(
@@ -459,6 +489,35 @@ async def test_a_sentinel_url_finds_its_master(tmp_path: Path, processes: Proces
         assert evalsha_calls(master.port) == 3  # the fourth came from the local cache
     finally:
         await b.aclose()
+
+
+async def test_tls_decisions_are_pipelined_over_one_verified_connection(
+    tmp_path: Path, processes: ProcessGroup
+) -> None:
+    server = start_tls_redis(processes, tmp_path)
+    admin = redis.Redis(host=LOOPBACK, port=server.port, ssl=True, ssl_ca_certs=str(server.ca_file))
+    b = RedisBackend.from_url(server.url(), timeout=1.0)
+    try:
+        charges = [[charge(f"tls{i % 10}", "fixed_window", 10_000)] for i in range(300)]
+        outcomes = await asyncio.gather(*(b.take(c) for c in charges))
+        assert all(o[0].charged for o in outcomes)
+        assert admin.info("commandstats")["cmdstat_evalsha"]["calls"] == 300
+        # redis-py would have opened a connection per concurrent call: ours and the admin's.
+        assert int(admin.info("clients")["connected_clients"]) <= 2
+    finally:
+        await b.aclose()
+    # A CA that did not sign the server's certificate: refused, the failure policy answers.
+    other_ca, _, _ = make_ca_and_server_cert(tmp_path, "other")
+    untrusting = RedisBackend.from_url(server.url(other_ca), timeout=1.0)
+    errors = counter("mixerhub_ratelimit_redis_failures", "error")
+    try:
+        [outcome] = await untrusting.take([charge("mitm", "fixed_window", 5)])
+        assert (outcome.over_limit, outcome.charged) == (False, False)
+        assert counter("mixerhub_ratelimit_redis_failures", "error") == errors + 1
+        assert admin.info("commandstats")["cmdstat_evalsha"]["calls"] == 300
+    finally:
+        await untrusting.aclose()
+        admin.close()
 
 
 @pytest.mark.parametrize(

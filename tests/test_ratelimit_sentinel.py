@@ -8,6 +8,7 @@ the counts the replica had copied.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,63 @@ async def test_decisions_go_to_the_master_the_sentinel_names(topology: Topology)
         assert [(await b.take([c]))[0].charged for _ in range(3)] == [True, True, False]
         assert evalsha_calls(topology.master.port) == 3
         assert evalsha_calls(topology.replica.port) == 0
+    finally:
+        await b.aclose()
+
+
+async def test_concurrent_decisions_share_one_connection_to_the_master(
+    topology: Topology,
+) -> None:
+    b = RedisBackend.from_url(topology.url, timeout=1.0)
+    try:
+        many = [[Charge(("d", (("k", f"v{i % 10}"),)), 1, 1000, 60, "fixed_window")]
+                for i in range(300)]  # fmt: skip
+        outcomes = await asyncio.gather(*(b.take(c) for c in many))
+        assert all(o[0].charged for o in outcomes)
+        assert evalsha_calls(topology.master.port) == 300
+        master = redis.Redis(host=LOOPBACK, port=topology.master.port)
+        try:
+            # Ours, the Sentinel's two and this one: not one per concurrent call.
+            assert int(master.info("clients")["connected_clients"]) <= 5
+        finally:
+            master.close()
+    finally:
+        await b.aclose()
+
+
+async def test_a_master_demoted_alive_is_left_for_the_promoted_replica(
+    topology: Topology,
+) -> None:
+    # A limit never reached: no decision is answered by the local over-limit cache.
+    c = Charge(("d", (("user", "u2"),)), 1, 1_000_000, 60, "fixed_window")
+    b = RedisBackend.from_url(topology.url, timeout=0.5)
+    b.backoff = 0.0
+    try:
+        assert (await b.take([c]))[0].charged
+        sentinel = redis.Redis(host=LOOPBACK, port=topology.sentinel.port)
+        try:
+            deadline = time.monotonic() + 20
+            while True:  # NOGOODSLAVE until the Sentinel has seen the replica recently
+                try:
+                    sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)  # type: ignore[no-untyped-call]
+                    break
+                except redis.ResponseError:
+                    assert time.monotonic() < deadline, "the Sentinel never agreed to fail over"
+                    await asyncio.sleep(0.2)
+        finally:
+            sentinel.close()
+        # The Sentinel names the replica at once, but the old master, alive, runs scripts until
+        # the Sentinel turns it into a replica: READONLY then drops the connection.
+        deadline = time.monotonic() + 30
+        while evalsha_calls(topology.replica.port) == 0:
+            assert time.monotonic() < deadline, "decisions never reached the promoted replica"
+            await b.take([c])
+            await asyncio.sleep(0.05)
+        assert sentinel_master(topology.sentinel.port, SERVICE) == topology.replica.port
+        # The old master, now a replica, is alive: it gets no more scripts.
+        on_old = evalsha_calls(topology.master.port)
+        assert all([(await b.take([c]))[0].charged for _ in range(5)])
+        assert evalsha_calls(topology.master.port) == on_old
     finally:
         await b.aclose()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from mixerhub.quota.windows import Clock, FixedWindow, RollingWindow, TokenBucket
 from mixerhub.ratelimit.matching import Algorithm
@@ -34,8 +34,9 @@ class Charge:
     enforced: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+# A NamedTuple: as immutable as a frozen dataclass, made at a third of the cost (a decision
+# makes one per descriptor).
+class Outcome(NamedTuple):
     over_limit: bool  # this charge alone does not fit in what is left
     charged: bool
     remaining: int
@@ -82,6 +83,15 @@ class MemoryBackend:
 
     def take_now(self, charges: Sequence[Charge]) -> list[Outcome]:
         now = self._clock()
+        if len(charges) == 1:
+            # Alone, a charge stops no other: taking it is its own check (a window grants all
+            # or nothing), without the peek that several charges need first.
+            c = charges[0]
+            w = self._window(c.algorithm, c.unit_seconds)
+            took = w.take(c.key, c.hits, c.limit, now)
+            if took.granted or not c.hits:
+                return [Outcome(False, True, took.remaining, took.reset_after)]
+            return [Outcome(True, False, took.remaining, _reset(w, took, now))]
         windows = [self._window(c.algorithm, c.unit_seconds) for c in charges]
         # First check every charge (the same key twice in one request adds up), then charge.
         wanted: dict[tuple[int, Hashable], int] = {}

@@ -18,7 +18,11 @@ A key seen with nothing left is remembered locally until it can fit one hit agai
 OVER_LIMIT without Redis. When Redis fails or takes longer than ``timeout`` (15 ms by default,
 inside Envoy's 20 ms), the failure policy answers (allow by default, as Envoy's
 failure_mode_deny is false), the failure is counted, and after ``backoff`` the next call tries
-Redis again (redis-py's pool reconnects): a decision never waits for a dead server or raises.
+Redis again (the connection is made again): a decision never waits for a dead server or raises.
+
+One server or a Sentinel's master, over TCP or TLS, is reached through the script connection of
+resp.py (every decision made at the same moment in one write); a Cluster and a unix socket
+through redis-py, one call per decision.
 """
 
 from __future__ import annotations
@@ -38,13 +42,13 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
 from mixerhub.monitoring import REGISTRY
 from mixerhub.ratelimit.backend import Charge, Outcome
-from mixerhub.ratelimit.resp import RedisReplyError, ScriptConnection
+from mixerhub.ratelimit.resp import RedisReplyError, ScriptConnection, bulk
 
 log = logging.getLogger("mixerhub.ratelimit.redis")
 
@@ -53,6 +57,7 @@ DEFAULT_TIMEOUT = 0.015
 DEFAULT_BACKOFF = 0.05
 _US = 1_000_000
 _MAX_CACHED = 100_000
+_CONNECT_TIMEOUT = 1.0
 
 FAILURES = Counter(
     "mixerhub_ratelimit_redis_failures",
@@ -218,6 +223,23 @@ return out
 """
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 _ALGORITHMS = {"fixed_window": "f", "rolling_window": "r", "token_bucket": "t"}
+_REDIS_NOW = bulk("")  # ARGV[1] empty: the script reads Redis's TIME
+
+
+class _Encoded(NamedTuple):
+    """A charge's part of an EVALSHA, as RESP, kept while its Charge object is reused (the
+    service keeps one per descriptor)."""
+
+    charge: Charge  # held, so that its id cannot name another charge meanwhile
+    key: str
+    key_bulk: bytes
+    args: bytes  # limit, unit, algorithm, enforced: every argument but hits
+
+
+@functools.lru_cache(maxsize=64)
+def _evalsha_head(keys: int) -> bytes:
+    """EVALSHA's array header, name, SHA and key count, for a script over ``keys`` keys."""
+    return b"*%d\r\n%s%s%s" % (4 + 6 * keys, bulk("EVALSHA"), bulk(SCRIPT_SHA), bulk(keys))
 
 
 def redis_key(charge: Charge, prefix: str = "mixerhub:rl") -> str:
@@ -358,23 +380,39 @@ def _hosts(
 
 
 def _script_connection(client: Client, timeout: float) -> ScriptConnection | None:
-    """A ScriptConnection to the same server as ``client``, when that is one server over plain
-    TCP (redis:// URLs); None otherwise."""
+    """A ScriptConnection to the server ``client`` talks to, when that is one server or a
+    Sentinel's master, over TCP or TLS; None for a Cluster or a unix socket."""
     if not isinstance(client, aioredis.Redis):
         return None
     pool = client.connection_pool
-    # Sentinel-managed, TLS and unix-socket connections have classes of their own.
-    if pool.connection_class is not aioredis.Connection:
-        return None
     kw = pool.connection_kwargs
+    cls = pool.connection_class
+    locate = None
+    if isinstance(pool, SentinelConnectionPool):
+        manager, service = pool.sentinel_manager, pool.service_name
+
+        async def locate() -> tuple[str, int]:
+            host, port = await manager.discover_master(service)
+            return str(host), int(port)
+
+    elif cls not in (aioredis.Connection, aioredis.SSLConnection):
+        return None  # a unix socket
+    tls = None
+    if issubclass(cls, aioredis.SSLConnection):
+        # redis-py's own reading of the URL's ssl_* settings, made into a context as it would.
+        tls = cls(**kw).ssl_context.get()
     return ScriptConnection(
         kw.get("host", "localhost"),
         int(kw.get("port", 6379)),
         db=int(kw.get("db", 0) or 0),
         username=kw.get("username"),
         password=kw.get("password"),
-        connect_timeout=timeout,
+        # A connection may take longer than a decision may wait (a Sentinel's answer, a TLS
+        # handshake, SCRIPT LOAD): decisions stop waiting at ``timeout``, connecting goes on.
+        connect_timeout=max(timeout, _CONNECT_TIMEOUT),
         on_connect=(("SCRIPT", "LOAD", SCRIPT),),
+        tls=tls,
+        locate=locate,
     )
 
 
@@ -402,13 +440,14 @@ class RedisBackend:
         self.backoff = backoff
         self.prefix = prefix
         self._clock = clock
-        # A single server over TCP: the script runs over a connection of our own (resp.py),
-        # pipelined. TLS, Sentinel and Cluster keep redis-py, one call per decision.
+        # One server or a Sentinel's master, over TCP or TLS: the script runs over a connection
+        # of our own (resp.py), pipelined. A Cluster keeps redis-py, one call per decision.
         self._script = _script_connection(client, timeout)
         self._loaded = False
         self._down_until = 0.0
         # Redis key -> monotonic time until which nothing fits (enforced keys only).
         self._over: OrderedDict[str, float] = OrderedDict()
+        self._encoded: dict[int, _Encoded] = {}  # by id(charge)
 
     @classmethod
     def from_url(
@@ -436,27 +475,18 @@ class RedisBackend:
     async def _take(self, charges: Sequence[Charge], now: float | None) -> Sequence[Outcome]:
         if not charges:
             return []
-        keys = [redis_key(c, self.prefix) for c in charges]
+        encoded = [self._encoding(c) for c in charges]
         local = self._clock()
-        if now is None:
-            cached = self._cached(charges, keys, local)
+        if now is None and self._over:
+            cached = self._cached(charges, encoded, local)
             if cached is not None:
                 WITHOUT_REDIS.labels("cache").inc()
                 return cached
         if local < self._down_until:
             WITHOUT_REDIS.labels("failure_policy").inc()
             return self._policy(charges)
-        args: list[str | int] = ["" if now is None else str(round(now * _US))]
-        for c in charges:
-            args += [
-                c.hits,
-                c.limit,
-                c.unit_seconds * _US,
-                _ALGORITHMS[c.algorithm],
-                1 if c.enforced else 0,
-            ]
         try:
-            raw = await asyncio.wait_for(self._run(keys, args), self.timeout)
+            raw = await self._run(encoded, now)
         except Exception as e:
             reason = "timeout" if isinstance(e, TimeoutError) else "error"
             FAILURES.labels(reason).inc()
@@ -465,23 +495,74 @@ class RedisBackend:
             log.warning("Redis %s (%s); answering %s", reason, e or type(e).__name__, self.failure)
             return self._policy(charges)
         outcomes: list[Outcome] = []
-        for i, c in enumerate(charges):
-            over, charged, remaining, reset, retry = (int(v) for v in raw[i * 5 : i * 5 + 5])
-            outcomes.append(Outcome(bool(over), bool(charged), max(0, remaining), reset / _US))
-            if over and c.enforced and remaining <= 0 and retry > 0 and now is None:
-                self._remember(keys[i], local + retry / _US)
+        b = 0
+        for c in charges:
+            # Five integers per charge: over, charged, remaining, reset (µs), retry (µs).
+            over, remaining = raw[b], raw[b + 2]
+            outcomes.append(
+                Outcome(over != 0, raw[b + 1] != 0, max(0, remaining), raw[b + 3] / _US)
+            )
+            if over and c.enforced and remaining <= 0 and raw[b + 4] > 0 and now is None:
+                self._remember(encoded[b // 5].key, local + raw[b + 4] / _US)
+            b += 5
         return outcomes
 
-    async def _run(self, keys: list[str], args: list[str | int]) -> list[Any]:
+    def _encoding(self, c: Charge) -> _Encoded:
+        e = self._encoded.get(id(c))
+        if e is None or e.charge is not c:
+            key = redis_key(c, self.prefix)
+            fixed = (
+                c.limit,
+                c.unit_seconds * _US,
+                _ALGORITHMS[c.algorithm],
+                1 if c.enforced else 0,
+            )
+            e = _Encoded(c, key, bulk(key), b"".join(map(bulk, fixed)))
+            if len(self._encoded) >= _MAX_CACHED:
+                self._encoded.clear()
+            self._encoded[id(c)] = e
+        return e
+
+    async def _run(self, encoded: list[_Encoded], now: float | None) -> list[Any]:
+        keys = [e.key for e in encoded]
         if self._script is not None:
+            parts = [_evalsha_head(len(encoded)), *(e.key_bulk for e in encoded)]
+            parts.append(_REDIS_NOW if now is None else bulk(str(round(now * _US))))
+            for e in encoded:
+                parts += (bulk(e.charge.hits), e.args)
+            resp = b"".join(parts)
             try:
-                result = await self._script.call("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
-            except RedisReplyError as e:
-                if not str(e).startswith("NOSCRIPT"):
+                result = await self._script.send(resp, self.timeout)
+            except RedisReplyError as err:
+                if not str(err).startswith("NOSCRIPT"):
                     raise
-                await self._script.call("SCRIPT", "LOAD", SCRIPT)
-                result = await self._script.call("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
+                result = await asyncio.wait_for(self._reload(resp), self.timeout)
             return list(result)
+        return await asyncio.wait_for(
+            self._run_by_client(keys, self._args(encoded, now)), self.timeout
+        )
+
+    async def _reload(self, resp: bytes) -> Any:
+        """Redis lost the script (a restart, SCRIPT FLUSH): load it and run the call again."""
+        assert self._script is not None
+        await self._script.call("SCRIPT", "LOAD", SCRIPT)
+        return await self._script.send(resp, self.timeout)
+
+    @staticmethod
+    def _args(encoded: list[_Encoded], now: float | None) -> list[str | int]:
+        args: list[str | int] = ["" if now is None else str(round(now * _US))]
+        for e in encoded:
+            c = e.charge
+            args += [
+                c.hits,
+                c.limit,
+                c.unit_seconds * _US,
+                _ALGORITHMS[c.algorithm],
+                int(c.enforced),
+            ]
+        return args
+
+    async def _run_by_client(self, keys: list[str], args: list[str | int]) -> list[Any]:
         if not self._loaded:
             await self.client.script_load(SCRIPT)
             self._loaded = True
@@ -493,14 +574,14 @@ class RedisBackend:
         return list(result)
 
     def _cached(
-        self, charges: Sequence[Charge], keys: list[str], now: float
+        self, charges: Sequence[Charge], encoded: list[_Encoded], now: float
     ) -> list[Outcome] | None:
         hit = False
         overs: list[float | None] = []
-        for c, k in zip(charges, keys, strict=True):
-            until = self._over.get(k) if c.enforced and c.hits > 0 else None
+        for c, e in zip(charges, encoded, strict=True):
+            until = self._over.get(e.key) if c.enforced and c.hits > 0 else None
             if until is not None and until <= now:
-                del self._over[k]
+                del self._over[e.key]
                 until = None
             overs.append(until)
             hit = hit or until is not None

@@ -2,21 +2,32 @@
 
 redis-py spends about a hundred microseconds of Python per command packing arguments and
 checking connections out of its pool; a decision here is one EVALSHA whose arguments are
-already strings and numbers. This connection writes each EVALSHA as RESP bytes the moment it is
-asked for, so the decisions made at the same time share the socket and its round trip (Redis
-answers in order), and hiredis parses the replies. It is used for a single Redis server over
-plain TCP; TLS, Sentinel and Cluster keep redis-py.
+already encoded. This connection queues each command as RESP bytes the moment it is asked for
+and writes the queue at the end of the loop's turn, or, while commands are in flight, as soon as
+their replies are all in (automatic pipelining, as ioredis and Lettuce do: under load a write
+carries every decision made during one round trip, and Redis, which runs commands one at a time,
+is no slower for it); replies are parsed by
+hiredis straight from the transport's data_received (an asyncio Protocol: no reader task, no
+stream buffer). A caller may build its command's RESP bytes itself (``send``) from pieces it
+keeps encoded.
 
-A lost connection fails the calls in flight (the backend's failure policy answers them) and the
-next call connects again.
+It serves every single-master setup: plain TCP, TLS (``tls``: an SSLContext) and a Sentinel's
+master (``locate`` asks the sentinels where it is before every connection; a connection to a
+server that is not, or no longer, a master is dropped, so a failover is followed). A lost
+connection fails the calls in flight (the backend's failure policy answers them) and the next
+call connects again. Connecting runs in a task of its own, bounded by ``connect_timeout``: a
+call gives up waiting on it at its own timeout without cancelling it, so a handshake slower than
+one decision may wait (a Sentinel's answer, TLS, SCRIPT LOAD) still completes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
+import math
+import ssl
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hiredis
@@ -26,16 +37,21 @@ class RedisReplyError(Exception):
     """Redis answered a command with an error (``-ERR ...``, ``-NOSCRIPT ...``)."""
 
 
-def _command(*parts: str | int | bytes) -> bytes:
-    return b"*%d\r\n%s" % (len(parts), b"".join(map(_bulk, parts)))
+def command(*parts: str | int | bytes) -> bytes:
+    """A command as RESP: an array of bulk strings."""
+    return b"*%d\r\n%s" % (len(parts), b"".join(map(bulk, parts)))
 
 
 # A decision's arguments repeat (its keys, limits, units, the script's SHA): each is encoded
 # once, and a command is a join of cached pieces.
 @functools.lru_cache(maxsize=65_536, typed=True)  # typed: 1 and True encode differently
-def _bulk(part: str | int | bytes) -> bytes:
+def bulk(part: str | int | bytes) -> bytes:
+    """One argument as a RESP bulk string."""
     data = part if isinstance(part, bytes) else str(part).encode()
     return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+Address = tuple[str, int]
 
 
 class ScriptConnection:
@@ -49,94 +65,195 @@ class ScriptConnection:
         password: str | None = None,
         connect_timeout: float = 1.0,
         on_connect: tuple[tuple[str | int | bytes, ...], ...] = (),
+        tls: ssl.SSLContext | None = None,
+        locate: Callable[[], Awaitable[Address]] | None = None,
     ) -> None:
         self.host, self.port, self.db = host, port, db
         self.username, self.password = username, password
         self.connect_timeout = connect_timeout
         # Commands every new connection runs first (e.g. SCRIPT LOAD), before any call's.
         self.on_connect = on_connect
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self._lock = asyncio.Lock()
+        self.tls = tls
+        # Where to connect, asked again before every connection (a Sentinel's current master);
+        # None: host and port.
+        self.locate = locate
+        self._transport: asyncio.Transport | None = None
+        self._parser = hiredis.Reader(replyError=RedisReplyError)
+        # Each command's reply future, and the loop time after which it fails (TimeoutError).
+        self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        # One timer for the connection, at the earliest deadline in flight: a timer per call
+        # (call_later, then cancel) costs more than the rest of a command's sending.
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = math.inf
+        self._connecting: asyncio.Task[None] | None = None
+        self._out: list[bytes] = []  # commands not written yet, in order
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None
 
     async def call(self, *parts: str | int | bytes) -> Any:
         """Send one command and wait for its reply; RedisReplyError for an error reply,
         ConnectionError (or OSError) when the connection fails."""
-        if self._writer is None:
-            await self._connect()
-        return await self._send(parts)
+        if self._transport is None:
+            await asyncio.shield(self._connection())
+        return await self._send(command(*parts))
 
-    def _send(self, parts: tuple[str | int | bytes, ...]) -> asyncio.Future[Any]:
-        writer = self._writer
-        if writer is None:
+    async def send(self, resp: bytes, timeout: float) -> Any:
+        """Send one command already encoded as RESP and wait for its reply, at most
+        ``timeout`` seconds (then TimeoutError); otherwise as ``call``."""
+        if self._transport is None:
+            await asyncio.wait_for(asyncio.shield(self._connection()), timeout)
+        return await self._send(resp, timeout)
+
+    def _send(self, resp: bytes, timeout: float | None = None) -> asyncio.Future[Any]:
+        if self._transport is None:
             raise ConnectionError("not connected to Redis")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append(future)
-        writer.write(_command(*parts))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        deadline = math.inf if timeout is None else loop.time() + timeout
+        if deadline < self._expiry_at:
+            self._arm(loop, deadline)
+        self._waiting.append((future, deadline))
+        if not self._out and len(self._waiting) == 1:
+            # Nothing in flight: written at the end of this turn of the loop. Otherwise the
+            # commands wait for the replies in flight and go together (see _received).
+            loop.call_soon(self._flush)
+        self._out.append(resp)
         return future
 
-    async def _connect(self) -> None:
-        async with self._lock:  # one connection, however many calls find it missing
-            if self._writer is not None:
-                return
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), self.connect_timeout
-            )
-            self._writer = writer
-            self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
-            first: list[tuple[str | int | bytes, ...]] = []
-            if self.password is not None:
-                first.append(("AUTH", self.username, self.password) if self.username
-                             else ("AUTH", self.password))  # fmt: skip
-            if self.db:
-                first.append(("SELECT", self.db))
-            first += self.on_connect
-            # Written before this coroutine yields, so they precede every other call's command
-            # on the connection (Redis runs a connection's commands in order).
-            replies = [self._send(command) for command in first]
-            try:
-                for reply in replies:
-                    await reply
-            except Exception as e:
-                self._lost(e)
-                raise
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._transport is not None and out:
+            self._transport.write(b"".join(out))
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        parser = hiredis.Reader(replyError=RedisReplyError)
+    def _connection(self) -> asyncio.Task[None]:
+        """The task connecting, started when none is (one, however many calls wait on it)."""
+        task = self._connecting
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(self._connect())
+            task.add_done_callback(_retrieve)
+            self._connecting = task
+        return task
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry, self._expiry_at = loop.call_at(deadline, self._expire_due), deadline
+
+    def _expire_due(self) -> None:
+        """Fail the calls past their deadline (their commands, sent, still get replies, which
+        are dropped), and wait for the next deadline."""
+        self._expiry, self._expiry_at = None, math.inf
+        loop = asyncio.get_running_loop()
+        now, earliest = loop.time(), math.inf
+        for future, deadline in self._waiting:
+            if future.done():
+                continue
+            if deadline <= now:
+                future.set_exception(TimeoutError("no reply from Redis in time"))
+            elif deadline < earliest:
+                earliest = deadline
+        if earliest < math.inf:
+            self._arm(loop, earliest)
+
+    async def _connect(self) -> None:
+        if self._transport is None:
+            await asyncio.wait_for(self._open(), self.connect_timeout)
+
+    async def _open(self) -> None:
+        host, port = (self.host, self.port) if self.locate is None else await self.locate()
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_connection(
+            lambda: _Replies(self),
+            host,
+            port,
+            ssl=self.tls,
+            server_hostname=host if self.tls is not None else None,
+        )
+        self._parser = hiredis.Reader(replyError=RedisReplyError)
+        self._transport = transport
+        first: list[tuple[str | int | bytes, ...]] = []
+        if self.password is not None:
+            first.append(("AUTH", self.username, self.password) if self.username
+                         else ("AUTH", self.password))  # fmt: skip
+        if self.locate is not None:
+            first.append(("ROLE",))  # a Sentinel may name a master that was just demoted
+        if self.db:
+            first.append(("SELECT", self.db))
+        first += self.on_connect
+        # Queued before this coroutine yields, so they precede every other call's command on
+        # the connection (Redis runs a connection's commands in order).
+        replies = [self._send(command(*parts)) for parts in first]
         try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    raise ConnectionError("Redis closed the connection")
-                parser.feed(data)
-                while (reply := parser.gets()) is not False:
-                    future = self._waiting.popleft()
-                    if future.done():  # its caller gave up (timeout) meanwhile
-                        continue
-                    if isinstance(reply, RedisReplyError):
-                        future.set_exception(reply)
-                    else:
-                        future.set_result(reply)
-        except asyncio.CancelledError:
-            self._lost(ConnectionError("connection closed"))
-            raise
+            for parts, reply in zip(first, replies, strict=True):
+                answer = await reply
+                if parts == ("ROLE",) and (not answer or answer[0] != b"master"):
+                    raise ConnectionError(f"{host}:{port} is not a master")
         except Exception as e:
             self._lost(e)
+            raise
+
+    def _received(self, data: bytes) -> None:
+        parser = self._parser
+        parser.feed(data)
+        waiting = self._waiting
+        while (reply := parser.gets()) is not False:
+            if not waiting:
+                self._lost(ConnectionError("a reply from Redis that no command asked for"))
+                return
+            future, _ = waiting.popleft()
+            if future.done():  # its caller gave up (timeout) meanwhile
+                continue
+            if isinstance(reply, RedisReplyError):
+                future.set_exception(reply)
+                if str(reply).startswith("READONLY"):
+                    # A demoted master (after a failover): the next call finds the new one.
+                    self._lost(ConnectionError("Redis is no longer the master"))
+                    return
+            else:
+                future.set_result(reply)
+        if self._out and len(waiting) == len(self._out):
+            # The batch in flight is answered: the commands queued meanwhile go in one write.
+            self._flush()
 
     def _lost(self, error: Exception) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+        self._out = []
         waiting, self._waiting = self._waiting, collections.deque()
-        for future in waiting:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry, self._expiry_at = None, math.inf
+        for future, _ in waiting:
             if not future.done():
                 future.set_exception(error)
 
     async def aclose(self) -> None:
-        task, self._reader_task = self._reader_task, None
-        if task is not None:
+        task, self._connecting = self._connecting, None
+        if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait([task])
         self._lost(ConnectionError("connection closed"))
+
+
+class _Replies(asyncio.Protocol):
+    """The transport's side of a ScriptConnection: bytes in go to its parser."""
+
+    def __init__(self, connection: ScriptConnection) -> None:
+        self.connection = connection
+
+    def data_received(self, data: bytes) -> None:
+        self.connection._received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        c = self.connection
+        if c._transport is not None and c._transport.get_protocol() is self:
+            c._lost(exc or ConnectionError("Redis closed the connection"))
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """A failed connection is its waiting calls' error; nobody else need hear of it."""
+    if not task.cancelled():
+        task.exception()
