@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -275,17 +276,70 @@ def _authorization_instance(provider: str, bag: LazyBag[CheckContext]) -> Author
 
 
 class _Expiry:
-    """Cancels a Check's task when its budget is spent, and remembers that it did."""
+    """One Check's deadline: cancels its task when the budget is spent, and remembers that it
+    did. ``task`` is None once the Check has answered."""
 
-    __slots__ = ("fired", "task")
+    __slots__ = ("deadline", "fired", "task")
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
-        self.task = task
+    def __init__(self, task: asyncio.Task[Any], deadline: float) -> None:
+        self.task: asyncio.Task[Any] | None = task
+        self.deadline = deadline
         self.fired = False
 
-    def __call__(self) -> None:
-        self.fired = True
-        self.task.cancel()
+    def fire(self) -> None:
+        task, self.task = self.task, None
+        if task is not None:
+            self.fired = True
+            task.cancel()
+
+
+# What the event loop itself allows a timer (asyncio's clock resolution): a deadline this close
+# is due, rather than a timer set again for the rest.
+_TIMER_RESOLUTION = 0.001
+
+
+class _Budget:
+    """The deadlines of every Check in flight under one budget, kept by one loop timer.
+
+    A timer per Check (call_later, then cancel) costs more than the rest of a cached Check's
+    bookkeeping. Under one budget the deadlines come in the order the Checks started: a queue
+    whose head is the next to expire, and one timer set for it. A Check that answers only
+    clears its entry; the timer drops cleared entries when it fires."""
+
+    __slots__ = ("_loop", "_queue", "_timer", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: deque[_Expiry] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, task: asyncio.Task[Any]) -> _Expiry:
+        loop = task.get_loop()
+        if loop is not self._loop:  # another loop (tests run several): start afresh there
+            self._loop, self._queue, self._timer = loop, deque(), None
+        expiry = _Expiry(task, loop.time() + self.seconds)
+        self._queue.append(expiry)
+        if self._timer is None:
+            self._timer = loop.call_at(expiry.deadline, self._expire)
+        return expiry
+
+    def _expire(self) -> None:
+        self._timer = None
+        loop, queue = self._loop, self._queue
+        assert loop is not None
+        due = loop.time() + _TIMER_RESOLUTION
+        while queue:
+            head = queue[0]
+            if head.task is not None and head.deadline > due:
+                self._timer = loop.call_at(head.deadline, self._expire)
+                return
+            queue.popleft()
+            head.fire()
+
+    def __len__(self) -> int:
+        """Entries held (Checks in flight, and answered ones not yet dropped): for tests."""
+        return len(self._queue)
 
 
 class HandlerFailure(Exception):
@@ -298,6 +352,7 @@ class AuthorizationService:
     def __init__(self, failure: FailurePolicy | None = None) -> None:
         self.failure = failure or FailurePolicy()
         self.checker: Checker | None = None
+        self._budget = _Budget(self.failure.budget)
         self._background: set[asyncio.Future[None]] = set()
 
     def activate(self, snapshot: Snapshot) -> None:
@@ -345,28 +400,26 @@ class AuthorizationService:
         if checker is None:
             return self._failed("no valid configuration loaded")
         workload = _workload(context.invocation_metadata())
-        # The budget as a bare timer that cancels this task: asyncio.timeout() does the same at
-        # three times the cost, and every Check pays it.
         task = asyncio.current_task()
         assert task is not None
-        expiry = _Expiry(task)
-        timer = asyncio.get_running_loop().call_later(self.failure.budget, expiry)
+        budget = self._budget
+        if budget.seconds != self.failure.budget:  # the policy was replaced
+            budget = self._budget = _Budget(self.failure.budget)
+        expiry = budget.start(task)
         try:
             return await checker.check(request, workload)
         except asyncio.CancelledError:
             if not expiry.fired:
                 raise  # cancelled from outside: the call was dropped, or the server stops
             task.uncancel()
-            return self._failed(
-                f"policy check exceeded its {self.failure.budget * 1000:g} ms budget"
-            )
+            return self._failed(f"policy check exceeded its {budget.seconds * 1000:g} ms budget")
         except HandlerFailure as e:
             return self._failed(str(e))
         except Exception:  # a bug must cost one request a clear answer, not the process
             log.exception("check failed")
             return self._failed("internal error")
         finally:
-            timer.cancel()
+            expiry.task = None
 
     def _failed(self, reason: str) -> external_auth_pb2.CheckResponse:
         if self.failure.fail_open:
