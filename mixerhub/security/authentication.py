@@ -263,7 +263,7 @@ class Authenticator:
             if known_plan is plan and self.cache.get(
                 rule.scope, token, rule.verifier.keys.generation
             ):
-                _CACHED.inc()
+                _CACHED.value += 1
                 return result
         tokens = RequestTokens(headers, query)
         found: list[tuple[CompiledJwtRule, tuple[tuple[TokenLocation, str], ...]]] = []
