@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -22,7 +23,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+from prometheus_client.utils import floatToGoString as _untyped_float_text
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
@@ -101,6 +102,10 @@ XDS_NACKS = Counter(
 # scrape sees is what prometheus_client's Counter and Histogram expose.
 
 
+# How prometheus_client writes a bucket's bound (``le``), as Go does: "+Inf", "0.005", "1e+06".
+_float_text = cast(Callable[[float], str], _untyped_float_text)
+
+
 class Count:
     """One label set's count: ``value += 1`` where the increment is hot, ``inc()`` elsewhere."""
 
@@ -158,7 +163,7 @@ class LoopHistogram(Collector):
         bounds = sorted(float(b) for b in buckets if not math.isinf(b))
         self._name, self._documentation = name, documentation
         self._bounds = tuple(bounds)
-        self._les = tuple(floatToGoString(b) for b in (*bounds, math.inf))
+        self._les = tuple(_float_text(b) for b in (*bounds, math.inf))
         self._counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
         self.sum = 0.0
         self.created = time.time()
