@@ -42,7 +42,7 @@ from mixerhub.bootstrap import (
 )
 from mixerhub.check_attributes import EXTRACTORS, CheckBag, CheckContext
 from mixerhub.decision_cache import Decision, DecisionCache, freeze
-from mixerhub.dispatcher import CheckDispatcher, CheckOutcome, charge, header_values
+from mixerhub.dispatcher import CheckDispatcher, charge, header_values
 from mixerhub.monitoring import LoopCounter, LoopHistogram
 from mixerhub.security.authentication import NO_AUTHENTICATION, AuthnResult
 from mixerhub.snapshot import BuiltHandler, Snapshot
@@ -204,8 +204,9 @@ class Checker:
     @staticmethod
     async def _charge(decision: Decision, request_id: str) -> Decision:
         """The decision's quota charges, made for this request: it stands if all are granted."""
-        outcome = CheckOutcome()
-        await charge(decision.charges, QuotaArgs(amount=1, deduplication_id=request_id), outcome)
+        outcome = await charge(decision.charges, QuotaArgs(1, False, request_id))
+        if outcome is None:
+            return decision
         if outcome.failed:
             raise HandlerFailure(outcome.message)
         if outcome.ok:
