@@ -42,7 +42,7 @@ from mixerhub.bootstrap import (
 )
 from mixerhub.check_attributes import EXTRACTORS, CheckBag, CheckContext
 from mixerhub.decision_cache import SCALARS, Decision, DecisionCache, freeze
-from mixerhub.dispatcher import CheckDispatcher, charge, header_values
+from mixerhub.dispatcher import CheckDispatcher, CheckOutcome, charge, header_values
 from mixerhub.monitoring import LoopCounter, LoopHistogram
 from mixerhub.security.authentication import NO_AUTHENTICATION, AuthnResult
 from mixerhub.snapshot import BuiltHandler, Snapshot
@@ -151,7 +151,10 @@ class Checker:
         authn: AuthnResult | None = None
         if self.authenticator.applies(workload):
             query = http.path.partition("?")[2]
-            authn = await self.authenticator.authenticate(workload, http.headers, query)
+            headers = http.headers
+            authn = self.authenticator.known(workload, headers, query)
+            if authn is None:
+                authn = await self.authenticator.authenticate(workload, headers, query)
             if authn.error is not None:
                 count("unauthenticated", "RequestAuthentication")
                 return unauthenticated(authn.error)
@@ -167,7 +170,9 @@ class Checker:
             decision = await self._decide(CheckBag(context), workload)
         if decision.charges:
             # Quotas are charged for every request, the decision cached or not.
-            decision = await self._charge(decision, http.id)
+            outcome = await charge(decision.charges, QuotaArgs(1, False, http.id))
+            if outcome is not None:
+                decision = _charged(decision, outcome)
         count(decision.result, decision.denied_by)
         if not decision.allowed:
             return denied(decision)
@@ -225,24 +230,6 @@ class Checker:
             charges=outcome.charges,
         )
 
-    @staticmethod
-    async def _charge(decision: Decision, request_id: str) -> Decision:
-        """The decision's quota charges, made for this request: it stands if all are granted."""
-        outcome = await charge(decision.charges, QuotaArgs(1, False, request_id))
-        if outcome is None:
-            return decision
-        if outcome.failed:
-            raise HandlerFailure(outcome.message)
-        if outcome.ok:
-            return decision
-        return Decision.deny(
-            outcome.status,
-            outcome.message or "denied",
-            f"{outcome.rule}/{outcome.handler}",
-            decision.response_headers,
-            cacheable=False,
-        )
-
     async def _custom(self, provider: str, bag: LazyBag[CheckContext]) -> Decision | None:
         """A CUSTOM policy's provider is a Mixer handler: the hub's own extension model stands
         where Istio puts an external authorizer. None when it allows."""
@@ -269,6 +256,21 @@ class Checker:
         if result.ok:
             return None
         return Decision.deny(result.status, result.message or "denied", denied_by, cacheable=False)
+
+
+def _charged(decision: Decision, outcome: CheckOutcome) -> Decision:
+    """The decision once its quota charges denied or failed (``charge``'s outcome)."""
+    if outcome.failed:
+        raise HandlerFailure(outcome.message)
+    if outcome.ok:
+        return decision
+    return Decision.deny(
+        outcome.status,
+        outcome.message or "denied",
+        f"{outcome.rule}/{outcome.handler}",
+        decision.response_headers,
+        cacheable=False,
+    )
 
 
 def _provider_handler(snapshot: Snapshot, provider: str) -> BuiltHandler | None:

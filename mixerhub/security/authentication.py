@@ -255,11 +255,11 @@ class Authenticator:
         """Whether any JWT rule applies to the workload."""
         return bool(self.referenced and self._plan(workload).rules)
 
-    async def authenticate(
+    def known(
         self, workload: WorkloadIdentity, headers: Mapping[str, str], query: str
-    ) -> AuthnResult:
-        """The request's end-user identity. ``headers`` have lower-case names (as in Envoy's
-        CheckRequest); ``query`` is the raw query string of the path. Never raises."""
+    ) -> AuthnResult | None:
+        """``authenticate``'s answer when it needs nothing awaited (no rule applies, a CORS
+        preflight, a repeated request whose token is still good); None when it does."""
         plan = self._plan(workload)
         if not plan.rules:
             return NO_AUTHENTICATION
@@ -268,8 +268,9 @@ class Authenticator:
             return AuthnResult(None, None, (), plan.sanitize)
         # A repeated request (same token in the same places): the result made last time, while
         # its token is still valid in the token cache (unexpired, its key set unchanged).
-        inputs = (id(plan), query if plan.reads_query else None, *map(headers.get, plan.inputs))
-        remembered = self._results.get(inputs)
+        remembered = self._results.get(
+            (id(plan), query if plan.reads_query else None, *map(headers.get, plan.inputs))
+        )
         if (
             remembered is not None
             and remembered.plan is plan
@@ -279,6 +280,18 @@ class Authenticator:
         ):
             _CACHED.value += 1
             return remembered.result
+        return None
+
+    async def authenticate(
+        self, workload: WorkloadIdentity, headers: Mapping[str, str], query: str
+    ) -> AuthnResult:
+        """The request's end-user identity. ``headers`` have lower-case names (as in Envoy's
+        CheckRequest); ``query`` is the raw query string of the path. Never raises."""
+        known = self.known(workload, headers, query)
+        if known is not None:
+            return known
+        plan = self._plan(workload)
+        inputs = (id(plan), query if plan.reads_query else None, *map(headers.get, plan.inputs))
         tokens = RequestTokens(headers, query)
         found: list[tuple[CompiledJwtRule, tuple[tuple[TokenLocation, str], ...]]] = []
         for rule in plan.rules:
