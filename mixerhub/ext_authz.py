@@ -142,6 +142,7 @@ class Checker:
         # QuotaSpecs read attributes no rule references: the charges they decide cannot be
         # kept with a decision, so none is cached.
         self._caching = not self.dispatcher.governed
+        self._authenticating = self.authenticator.referenced
 
     async def check(
         self, request: external_auth_pb2.CheckRequest, workload: WorkloadIdentity
@@ -149,9 +150,10 @@ class Checker:
         http = request.attributes.request.http
         context = CheckContext(request, workload)
         authn: AuthnResult | None = None
-        if self.authenticator.applies(workload):
+        if self._authenticating:
             query = http.path.partition("?")[2]
             headers = http.headers
+            # NO_AUTHENTICATION when no rule applies to the workload.
             authn = self.authenticator.known(workload, headers, query)
             if authn is None:
                 authn = await self.authenticator.authenticate(workload, headers, query)
@@ -395,26 +397,24 @@ class AuthorizationService:
             SERVICE,
             {
                 "Check": grpc.unary_unary_rpc_method_handler(
-                    self.check_bytes,
-                    request_deserializer=None,
-                    response_serializer=_serialize,
+                    self.check_bytes, request_deserializer=None, response_serializer=None
                 )
             },
         )
 
-    async def check_bytes(
-        self, data: bytes, context: grpc.aio.ServicerContext
-    ) -> external_auth_pb2.CheckResponse | bytes:
+    async def check_bytes(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """A Check from its bytes to the response's: gRPC neither parses nor serializes."""
         started = time.perf_counter()
         try:
             try:
                 request = external_auth_pb2.CheckRequest.FromString(data)
             except DecodeError:
                 count("malformed", "")
-                return denied(
-                    Decision.deny(adapter.INVALID_ARGUMENT, "malformed request", "mixerhub")
+                return _serialize(
+                    denied(Decision.deny(adapter.INVALID_ARGUMENT, "malformed request", "mixerhub"))
                 )
-            return await self.check(request, context)
+            response = await self.check(request, context)
+            return response if response.__class__ is bytes else _serialize(response)
         finally:
             CHECK_SECONDS.observe(time.perf_counter() - started)
 

@@ -179,8 +179,17 @@ class MemQuotaHandler(Handler):
             if seen is not None:  # the same answer, and no second charge (dedup.go)
                 granted, expires = seen
                 return QuotaResult(granted, max(0.0, expires - now) if expires else 0.0)
-        if amount > 0:
-            granted, valid = self._alloc(key, amount, args.best_effort, lim, now)
+        window = lim.window
+        if amount > 0 and window is not None:  # a rate limit: what almost every request asks
+            granted = window.charge(key, amount, lim.max_amount, now, args.best_effort)
+            if granted < amount and not args.best_effort:
+                granted, valid = 0, 0.0
+            else:
+                # Mixer answered a best-effort request with the validDuration even when it
+                # granted nothing, and a full grant with it as configured (not rounded).
+                valid = lim.valid_duration
+        elif amount > 0:
+            granted, valid = self._count(key, amount, args.best_effort, lim)
         else:
             granted, valid = self._release(key, -amount, lim, now), 0.0
         if dedup_id:
@@ -189,26 +198,19 @@ class MemQuotaHandler(Handler):
             return lim.granted_one
         return QuotaResult(granted, valid)
 
-    def _alloc(
-        self, key: Hashable, amount: int, best_effort: bool, lim: _Limit, now: float
+    def _count(
+        self, key: Hashable, amount: int, best_effort: bool, lim: _Limit
     ) -> tuple[int, float]:
-        window = lim.window
-        if window is None:
-            in_use = self._cells.get(key, 0)
-            left = max(0, lim.max_amount - in_use)
-            if amount > left:
-                if not best_effort:
-                    return 0, 0.0
-                amount = left  # grab as much as we can
-            if amount:
-                self._cells[key] = in_use + amount
-            return amount, 0.0
-        granted = window.charge(key, amount, lim.max_amount, now, best_effort)
-        if granted < amount and not best_effort:
-            return 0, 0.0
-        # Mixer answered a best-effort request with the quota's validDuration even when it
-        # granted nothing, and a full grant with the validDuration as configured (not rounded).
-        return granted, lim.valid_duration
+        """An allocation counter's grant (validDuration 0)."""
+        in_use = self._cells.get(key, 0)
+        left = max(0, lim.max_amount - in_use)
+        if amount > left:
+            if not best_effort:
+                return 0, 0.0
+            amount = left  # grab as much as we can
+        if amount:
+            self._cells[key] = in_use + amount
+        return amount, 0.0
 
     def _release(self, key: Hashable, amount: int, lim: _Limit, now: float) -> int:
         if lim.window is None:
