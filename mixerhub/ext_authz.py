@@ -147,8 +147,8 @@ class Checker:
     async def check(
         self, request: external_auth_pb2.CheckRequest, workload: WorkloadIdentity
     ) -> external_auth_pb2.CheckResponse | bytes:
-        http = request.attributes.request.http
         context = CheckContext(request, workload)
+        http = context.http
         authn: AuthnResult | None = None
         if self._authenticating:
             query = http.path.partition("?")[2]
