@@ -106,7 +106,7 @@ def decision_key(
         ]
         values.append(f"v{i}")
     if headers:
-        lines.append("    h = c.http.headers")
+        lines.append("    h = c.headers")
         values += [f"h.get({name!r})" for name in headers]
     lines.append(f"    return ({', '.join(values)},)")
     source = "\n".join(lines) + "\n"
@@ -152,7 +152,7 @@ class Checker:
         authn: AuthnResult | None = None
         if self._authenticating:
             query = http.path.partition("?")[2]
-            headers = http.headers
+            headers = context.headers
             # NO_AUTHENTICATION when no rule applies to the workload.
             authn = self.authenticator.known(workload, headers, query)
             if authn is None:
