@@ -336,3 +336,28 @@ async def test_custom_policies_ask_a_handler(
         denied_by = headers_of(response.denied_response.headers)["x-mixerhub-denied-by"]
         assert denied_by == f"AuthorizationPolicy CUSTOM/{provider}"
     assert (await client.check("/public")).status.code == 0
+
+
+@dataclass
+class _CallDetails:
+    method: str
+    invocation_metadata: tuple[tuple[str, str], ...]
+
+
+def test_each_calling_workload_has_its_check_handler_found_from_the_metadata() -> None:
+    handlers = AuthorizationService().generic_handler()
+    check = "/envoy.service.auth.v3.Authorization/Check"
+    web = (
+        ("user-agent", "envoy"),
+        ("x-mixerhub-workload", "web"),
+        ("x-mixerhub-namespace", "shop"),
+    )
+    api = (("x-mixerhub-workload", "api"), ("x-mixerhub-namespace", "shop"))
+    first = handlers.service(_CallDetails(check, web))
+    assert first is not None
+    assert first.unary_unary.keywords["workload"].name == "web"
+    assert handlers.service(_CallDetails(check, (("x-other", "1"), *web[1:]))) is first
+    other = handlers.service(_CallDetails(check, api))
+    assert other is not first
+    assert other.unary_unary.keywords["workload"].name == "api"
+    assert handlers.service(_CallDetails("/envoy.service.auth.v3.Authorization/Other", web)) is None
