@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -146,6 +147,12 @@ def envoy_config(authz: tuple[str, int], listen: int, admin: int) -> dict[str, A
     return config
 
 
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (user and system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_envoy(group: ProcessGroup, authz: tuple[str, int], work: Path, name: str) -> int:
     listen, admin = free_port(), free_port()
     path = work / f"envoy-{name}.yaml"
@@ -201,25 +208,32 @@ def main() -> None:
         (config / "policy.yaml").write_text(policy(jwks))
         hub = start_hub(group, config, extra_args=["--log-level", "warning"])
         baseline_port = free_port()
-        group.start(
+        trivial = group.start(
             "trivial", [sys.executable, str(Path(__file__).with_name("trivial_authz.py")),
                         "--port", str(baseline_port)],
-        ).wait_ready(tcp_probe("127.0.0.1", baseline_port), 30)  # fmt: skip
+        )  # fmt: skip
+        trivial.wait_ready(tcp_probe("127.0.0.1", baseline_port), 30)
 
         hub_envoy = start_envoy(group, hub.grpc_address, work, "hub")
         base_envoy = start_envoy(group, ("127.0.0.1", baseline_port), work, "trivial")
         wrk(hub_envoy, token, 2, args.connections)  # warm up: JWKS, caches, Envoy's pools
         wrk(base_envoy, token, 2, args.connections)
+        before = cpu_seconds(hub.process.pid)
         ours = wrk(hub_envoy, token, args.seconds, args.connections)
+        ours["cpu"] = (cpu_seconds(hub.process.pid) - before) / (ours["rps"] * args.seconds)
+        before = cpu_seconds(trivial.pid)
         base = wrk(base_envoy, token, args.seconds, args.connections)
+        base["cpu"] = (cpu_seconds(trivial.pid) - before) / (base["rps"] * args.seconds)
 
     print(
         f"ext_authz Check through a real Envoy, {args.seconds}s each,"
         f" {args.connections} connections"
     )
-    print(f"{'':32} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
+    header = f"{'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'server CPU/req':>15}"
+    print(f"{'':32} {header}")
     for name, r in (("mixerhub (realistic policy)", ours), ("trivial grpc.aio handler", base)):
-        print(f"{name:32} {r['rps']:>10.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['errors']:>8.0f}")
+        print(f"{name:32} {r['rps']:>10.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['errors']:>8.0f}"
+              f" {r['cpu'] * 1e6:>12.0f} µs")  # fmt: skip
     print(
         f"ratio: mixerhub keeps {ours['rps'] / base['rps']:.0%} of the trivial handler's throughput"
     )

@@ -24,7 +24,7 @@ MAX_QUERY_PARAMS = 256
 class CheckContext:
     """What extractors read: the request, the calling workload and the authenticated identity."""
 
-    __slots__ = ("http", "identity", "request", "workload")
+    __slots__ = ("headers", "http", "identity", "request", "workload")
 
     def __init__(
         self,
@@ -35,6 +35,7 @@ class CheckContext:
         self.request = request
         # Most attributes come from here: three message lookups once, not for each attribute.
         self.http = request.attributes.request.http
+        self.headers = self.http.headers  # read by the key, the authenticator and extractors
         self.workload = workload
         self.identity = identity or {}
 
@@ -53,7 +54,7 @@ def _http(c: CheckContext) -> external_auth_pb2.AttributeContext.HttpRequest:
 
 def _header(name: str) -> Extractor:
     def extract(c: CheckContext) -> Any:
-        value = _http(c).headers.get(name)
+        value = c.headers.get(name)
         return ABSENT if value is None else value
 
     return extract
@@ -79,7 +80,7 @@ def _query_params(c: CheckContext) -> Any:
 
 
 def _protocol(c: CheckContext) -> str:
-    content_type = c.http.headers.get("content-type", "")
+    content_type = c.headers.get("content-type", "")
     return "grpc" if content_type.startswith("application/grpc") else "http"
 
 
@@ -151,8 +152,8 @@ EXTRACTORS: Mapping[str, Extractor] = {
     "destination.workload.labels": lambda c: dict(c.workload.labels),
     "destination.serviceAccount": _workload_field(lambda w: w.service_account),
     # Envoy's header map is already a read-only Mapping (lower-case names): no copy.
-    "request.headers": lambda c: c.http.headers,
-    "request.id": lambda c: _http(c).id or _http(c).headers.get("x-request-id", ABSENT),
+    "request.headers": lambda c: c.headers,
+    "request.id": lambda c: _http(c).id or c.headers.get("x-request-id", ABSENT),
     "request.method": lambda c: c.http.method or ABSENT,
     "request.path": _path,
     "request.url_path": _url_path,

@@ -20,7 +20,8 @@ from typing import Any
 from mixerhub import adapter
 
 _MISSING = object()
-_SCALARS = frozenset({str, int, float, bool, bytes, type(None), object})
+# Values that are their own key (object: the ABSENT marker).
+SCALARS = frozenset({str, int, float, bool, bytes, type(None), object})
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +124,7 @@ class DecisionCache:
 
 def freeze(value: object) -> Hashable:
     """A hashable stand-in with the same equality: maps and lists become sorted tuples."""
-    if value.__class__ in _SCALARS:  # most attributes: no ABC checks
+    if value.__class__ in SCALARS:  # most attributes: no ABC checks
         return value
     if isinstance(value, Mapping):
         return tuple(sorted((str(k), freeze(v)) for k, v in value.items()))

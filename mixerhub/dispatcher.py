@@ -216,27 +216,34 @@ class QuotaCharge:
 
 
 async def charge(
-    charges: Sequence[QuotaCharge], quota_args: QuotaArgs, outcome: CheckOutcome
-) -> CheckOutcome:
-    """Charge each quota in turn; the first one spent denies, and the rest are not asked."""
+    charges: Sequence[QuotaCharge], quota_args: QuotaArgs, outcome: CheckOutcome | None = None
+) -> CheckOutcome | None:
+    """Charge each quota in turn; the first one spent denies, and the rest are not asked.
+
+    What a charge denies or fails is recorded in ``outcome``, or in one made then: every charge
+    granted, nothing is made (a cached decision's request pays for no outcome), and the given
+    outcome (or None) comes back."""
     for c in charges:
         call = c.call
         args = replace(quota_args, amount=c.amount) if c.amount else quota_args
-        outcome.quota_used = True
+        if outcome is not None:
+            outcome.quota_used = True
         if c.error is not None:
-            _fail(call, c.error, outcome)
-            return outcome
+            return _fail(call, c.error, outcome)
         try:
             quota: QuotaResult = await call.method(c.instance, args)
         except Exception as e:  # an adapter that broke its word
-            _fail(call, e, outcome)
-            return outcome
+            return _fail(call, e, outcome)
         if quota.status in _FAILURES:
             # The backend failed (a Redis down): the failure policy decides, as for a raise.
+            if outcome is None:
+                outcome = CheckOutcome(quota_used=True)
             outcome.failed = True
         if quota.amount < args.amount and not (args.best_effort and quota.amount):
             message = quota.message or f"quota {call.instance.name} exhausted"
             status = quota.status if quota.status != adapter.OK else adapter.RESOURCE_EXHAUSTED
+            if outcome is None:
+                outcome = CheckOutcome(quota_used=True)
             outcome.deny(status, message, call)
             return outcome
     return outcome
@@ -301,7 +308,7 @@ async def _check(call: Call, bag: Bag, outcome: CheckOutcome) -> CheckResult | N
         return None
 
 
-def _fail(call: Call, error: Exception, outcome: CheckOutcome) -> None:
+def _fail(call: Call, error: Exception, outcome: CheckOutcome | None) -> CheckOutcome:
     ADAPTER_ERRORS.labels(call.adapter).inc()
     if isinstance(error, EvaluationError):
         reason = f"instance {call.instance.name}: {error}"
@@ -309,8 +316,11 @@ def _fail(call: Call, error: Exception, outcome: CheckOutcome) -> None:
         # The error's own traceback: a quota instance's build error is reported after the fact.
         log.error("handler %s failed", call.handler, exc_info=error)
         reason = f"handler {call.handler} failed"
+    if outcome is None:
+        outcome = CheckOutcome(quota_used=True)
     outcome.failed = True
     outcome.deny(adapter.INTERNAL, reason, call)
+    return outcome
 
 
 @dataclass(frozen=True, slots=True)

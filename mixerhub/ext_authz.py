@@ -15,10 +15,12 @@ passes header bytes through that are not UTF-8) is answered with a denial rather
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +31,6 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
-from prometheus_client import Counter, Histogram
 
 from mixerhub import adapter
 from mixerhub.adapter import QuotaArgs
@@ -41,9 +42,9 @@ from mixerhub.bootstrap import (
     WORKLOAD_HEADER,
 )
 from mixerhub.check_attributes import EXTRACTORS, CheckBag, CheckContext
-from mixerhub.decision_cache import Decision, DecisionCache, freeze
+from mixerhub.decision_cache import SCALARS, Decision, DecisionCache, freeze
 from mixerhub.dispatcher import CheckDispatcher, CheckOutcome, charge, header_values
-from mixerhub.monitoring import REGISTRY
+from mixerhub.monitoring import LoopCounter, LoopHistogram
 from mixerhub.security.authentication import NO_AUTHENTICATION, AuthnResult
 from mixerhub.snapshot import BuiltHandler, Snapshot
 from mixerhub.templates import Action, AuthorizationInstance, CheckNothingInstance, Subject
@@ -54,17 +55,16 @@ log = logging.getLogger("mixerhub.ext_authz")
 SERVICE = "envoy.service.auth.v3.Authorization"
 DENIED_BY_HEADER = "x-mixerhub-denied-by"
 
-CHECKS = Counter(
+# Counted in plain ints: prometheus_client's locked increments are measurable on every Check.
+CHECKS = LoopCounter(
     "mixerhub_check",
     "ext_authz Check calls answered, by result and by the rule or policy that decided.",
     ["result", "rule"],
-    registry=REGISTRY,
 )
-CHECK_SECONDS = Histogram(
+CHECK_SECONDS = LoopHistogram(
     "mixerhub_check_duration_seconds",
     "Time to answer one ext_authz Check.",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
-    registry=REGISTRY,
 )
 
 # google.rpc.Code -> HTTP status, as gRPC's HTTP mapping (and Mixer's proxy) did.
@@ -86,6 +86,34 @@ class FailurePolicy:
 
 def _absent(context: CheckContext) -> object:
     return ABSENT
+
+
+def decision_key(
+    attributes: Sequence[str], headers: Sequence[str]
+) -> Callable[[CheckContext], Hashable]:
+    """A function of a Check's context giving its decision cache key: the workload, each
+    attribute's value (frozen when not a plain scalar) and each header's. Generated, so that a
+    Check pays for no loop, and no call but the extractors'."""
+    namespace: dict[str, Any] = {"freeze": freeze, "SCALARS": SCALARS}
+    # Names come from configuration: in the source only as repr()s, never as code.
+    lines = [f"def key(c):  # {tuple(attributes)!r}, headers {tuple(headers)!r}"]
+    values = ["c.workload.key"]
+    for i, name in enumerate(attributes):
+        namespace[f"read{i}"] = EXTRACTORS.get(name, _absent)
+        lines += [
+            f"    v{i} = read{i}(c)  # {name!r}",
+            f"    if v{i}.__class__ not in SCALARS:",
+            f"        v{i} = freeze(v{i})",
+        ]
+        values.append(f"v{i}")
+    if headers:
+        lines.append("    h = c.headers")
+        values += [f"h.get({name!r})" for name in headers]
+    lines.append(f"    return ({', '.join(values)},)")
+    source = "\n".join(lines) + "\n"
+    exec(compile(source, "<decision key>", "exec"), namespace)
+    key: Callable[[CheckContext], Hashable] = namespace["key"]
+    return key
 
 
 class Checker:
@@ -110,32 +138,33 @@ class Checker:
             self._headers = tuple(sorted(self.policies.headers))
         # The key reads the request through the extractors, not a bag: on a hit no bag is filled.
         # An attribute no extractor makes (a generator's output) is absent when the key is made.
-        self._readers = tuple(EXTRACTORS.get(name, _absent) for name in self.referenced)
+        self._key = decision_key(self.referenced, self._headers)
         self.cache = DecisionCache()
         # QuotaSpecs read attributes no rule references: the charges they decide cannot be
         # kept with a decision, so none is cached.
         self._caching = not self.dispatcher.governed
+        self._authenticating = self.authenticator.referenced
 
     async def check(
         self, request: external_auth_pb2.CheckRequest, workload: WorkloadIdentity
     ) -> external_auth_pb2.CheckResponse | bytes:
-        http = request.attributes.request.http
         context = CheckContext(request, workload)
+        http = context.http
         authn: AuthnResult | None = None
-        if self.authenticator.applies(workload):
+        if self._authenticating:
             query = http.path.partition("?")[2]
-            authn = await self.authenticator.authenticate(workload, http.headers, query)
+            headers = context.headers
+            # NO_AUTHENTICATION when no rule applies to the workload.
+            authn = self.authenticator.known(workload, headers, query)
+            if authn is None:
+                authn = await self.authenticator.authenticate(workload, headers, query)
             if authn.error is not None:
                 count("unauthenticated", "RequestAuthentication")
                 return unauthenticated(authn.error)
             if authn.identity is not None:
                 context.identity = _identity_attributes(authn.identity)
         if self._caching:
-            key = (
-                workload.key,
-                *[freeze(read(context)) for read in self._readers],
-                *[http.headers.get(name) for name in self._headers],
-            )
+            key = self._key(context)
             decision = self.cache.get(key)
             if decision is None:
                 decision = await self._decide(CheckBag(context), workload)
@@ -144,7 +173,9 @@ class Checker:
             decision = await self._decide(CheckBag(context), workload)
         if decision.charges:
             # Quotas are charged for every request, the decision cached or not.
-            decision = await self._charge(decision, http.id)
+            outcome = await charge(decision.charges, QuotaArgs(1, False, http.id))
+            if outcome is not None:
+                decision = _charged(decision, outcome)
         count(decision.result, decision.denied_by)
         if not decision.allowed:
             return denied(decision)
@@ -202,23 +233,6 @@ class Checker:
             charges=outcome.charges,
         )
 
-    @staticmethod
-    async def _charge(decision: Decision, request_id: str) -> Decision:
-        """The decision's quota charges, made for this request: it stands if all are granted."""
-        outcome = CheckOutcome()
-        await charge(decision.charges, QuotaArgs(amount=1, deduplication_id=request_id), outcome)
-        if outcome.failed:
-            raise HandlerFailure(outcome.message)
-        if outcome.ok:
-            return decision
-        return Decision.deny(
-            outcome.status,
-            outcome.message or "denied",
-            f"{outcome.rule}/{outcome.handler}",
-            decision.response_headers,
-            cacheable=False,
-        )
-
     async def _custom(self, provider: str, bag: LazyBag[CheckContext]) -> Decision | None:
         """A CUSTOM policy's provider is a Mixer handler: the hub's own extension model stands
         where Istio puts an external authorizer. None when it allows."""
@@ -245,6 +259,21 @@ class Checker:
         if result.ok:
             return None
         return Decision.deny(result.status, result.message or "denied", denied_by, cacheable=False)
+
+
+def _charged(decision: Decision, outcome: CheckOutcome) -> Decision:
+    """The decision once its quota charges denied or failed (``charge``'s outcome)."""
+    if outcome.failed:
+        raise HandlerFailure(outcome.message)
+    if outcome.ok:
+        return decision
+    return Decision.deny(
+        outcome.status,
+        outcome.message or "denied",
+        f"{outcome.rule}/{outcome.handler}",
+        decision.response_headers,
+        cacheable=False,
+    )
 
 
 def _provider_handler(snapshot: Snapshot, provider: str) -> BuiltHandler | None:
@@ -275,17 +304,70 @@ def _authorization_instance(provider: str, bag: LazyBag[CheckContext]) -> Author
 
 
 class _Expiry:
-    """Cancels a Check's task when its budget is spent, and remembers that it did."""
+    """One Check's deadline: cancels its task when the budget is spent, and remembers that it
+    did. ``task`` is None once the Check has answered."""
 
-    __slots__ = ("fired", "task")
+    __slots__ = ("deadline", "fired", "task")
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
-        self.task = task
+    def __init__(self, task: asyncio.Task[Any], deadline: float) -> None:
+        self.task: asyncio.Task[Any] | None = task
+        self.deadline = deadline
         self.fired = False
 
-    def __call__(self) -> None:
-        self.fired = True
-        self.task.cancel()
+    def fire(self) -> None:
+        task, self.task = self.task, None
+        if task is not None:
+            self.fired = True
+            task.cancel()
+
+
+# What the event loop itself allows a timer (asyncio's clock resolution): a deadline this close
+# is due, rather than a timer set again for the rest.
+_TIMER_RESOLUTION = 0.001
+
+
+class _Budget:
+    """The deadlines of every Check in flight under one budget, kept by one loop timer.
+
+    A timer per Check (call_later, then cancel) costs more than the rest of a cached Check's
+    bookkeeping. Under one budget the deadlines come in the order the Checks started: a queue
+    whose head is the next to expire, and one timer set for it. A Check that answers only
+    clears its entry; the timer drops cleared entries when it fires."""
+
+    __slots__ = ("_loop", "_queue", "_timer", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: deque[_Expiry] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, task: asyncio.Task[Any]) -> _Expiry:
+        loop = task.get_loop()
+        if loop is not self._loop:  # another loop (tests run several): start afresh there
+            self._loop, self._queue, self._timer = loop, deque(), None
+        expiry = _Expiry(task, loop.time() + self.seconds)
+        self._queue.append(expiry)
+        if self._timer is None:
+            self._timer = loop.call_at(expiry.deadline, self._expire)
+        return expiry
+
+    def _expire(self) -> None:
+        self._timer = None
+        loop, queue = self._loop, self._queue
+        assert loop is not None
+        due = loop.time() + _TIMER_RESOLUTION
+        while queue:
+            head = queue[0]
+            if head.task is not None and head.deadline > due:
+                self._timer = loop.call_at(head.deadline, self._expire)
+                return
+            queue.popleft()
+            head.fire()
+
+    def __len__(self) -> int:
+        """Entries held (Checks in flight, and answered ones not yet dropped): for tests."""
+        return len(self._queue)
 
 
 class HandlerFailure(Exception):
@@ -298,6 +380,7 @@ class AuthorizationService:
     def __init__(self, failure: FailurePolicy | None = None) -> None:
         self.failure = failure or FailurePolicy()
         self.checker: Checker | None = None
+        self._budget = _Budget(self.failure.budget)
         self._background: set[asyncio.Future[None]] = set()
 
     def activate(self, snapshot: Snapshot) -> None:
@@ -311,62 +394,58 @@ class AuthorizationService:
         task.add_done_callback(self._background.discard)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                "Check": grpc.unary_unary_rpc_method_handler(
-                    self.check_bytes,
-                    request_deserializer=None,
-                    response_serializer=_serialize,
-                )
-            },
-        )
+        return _CheckHandlers(self)
 
     async def check_bytes(
-        self, data: bytes, context: grpc.aio.ServicerContext
-    ) -> external_auth_pb2.CheckResponse | bytes:
+        self,
+        data: bytes,
+        context: grpc.aio.ServicerContext,
+        workload: WorkloadIdentity | None = None,
+    ) -> bytes:
+        """A Check from its bytes to the response's: gRPC neither parses nor serializes. The
+        calling workload, when not given, from the call's metadata."""
         started = time.perf_counter()
         try:
             try:
                 request = external_auth_pb2.CheckRequest.FromString(data)
             except DecodeError:
                 count("malformed", "")
-                return denied(
-                    Decision.deny(adapter.INVALID_ARGUMENT, "malformed request", "mixerhub")
+                return _serialize(
+                    denied(Decision.deny(adapter.INVALID_ARGUMENT, "malformed request", "mixerhub"))
                 )
-            return await self.check(request, context)
+            if workload is None:
+                workload = _workload(context.invocation_metadata())
+            response = await self.check(request, workload)
+            return response if response.__class__ is bytes else _serialize(response)
         finally:
             CHECK_SECONDS.observe(time.perf_counter() - started)
 
     async def check(
-        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+        self, request: external_auth_pb2.CheckRequest, workload: WorkloadIdentity
     ) -> external_auth_pb2.CheckResponse | bytes:
         checker = self.checker
         if checker is None:
             return self._failed("no valid configuration loaded")
-        workload = _workload(context.invocation_metadata())
-        # The budget as a bare timer that cancels this task: asyncio.timeout() does the same at
-        # three times the cost, and every Check pays it.
         task = asyncio.current_task()
         assert task is not None
-        expiry = _Expiry(task)
-        timer = asyncio.get_running_loop().call_later(self.failure.budget, expiry)
+        budget = self._budget
+        if budget.seconds != self.failure.budget:  # the policy was replaced
+            budget = self._budget = _Budget(self.failure.budget)
+        expiry = budget.start(task)
         try:
             return await checker.check(request, workload)
         except asyncio.CancelledError:
             if not expiry.fired:
                 raise  # cancelled from outside: the call was dropped, or the server stops
             task.uncancel()
-            return self._failed(
-                f"policy check exceeded its {self.failure.budget * 1000:g} ms budget"
-            )
+            return self._failed(f"policy check exceeded its {budget.seconds * 1000:g} ms budget")
         except HandlerFailure as e:
             return self._failed(str(e))
         except Exception:  # a bug must cost one request a clear answer, not the process
             log.exception("check failed")
             return self._failed("internal error")
         finally:
-            timer.cancel()
+            expiry.task = None
 
     def _failed(self, reason: str) -> external_auth_pb2.CheckResponse:
         if self.failure.fail_open:
@@ -374,6 +453,36 @@ class AuthorizationService:
             return allowed(Decision.allow(), (), (), {})
         count("failed_closed", "")
         return denied(Decision.deny(adapter.UNAVAILABLE, reason, "mixerhub"))
+
+
+_CHECK_METHOD = f"/{SERVICE}/Check"
+
+
+class _CheckHandlers(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """The Check method, one handler per calling workload. gRPC hands a generic handler the
+    call's metadata to find the method by; the workload is read from that, and the handler
+    found is the workload's own, so the call does not build the metadata again (which gRPC
+    does anew on every ``context.invocation_metadata()``: several µs a call)."""
+
+    def __init__(self, service: AuthorizationService) -> None:
+        self._service = service
+        self._handlers: dict[tuple[str, str, str, str], grpc.RpcMethodHandler] = {}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        if handler_call_details.method != _CHECK_METHOD:
+            return None
+        workload = _workload(handler_call_details.invocation_metadata)
+        handler = self._handlers.get(workload.key)
+        if handler is None:
+            handler = grpc.unary_unary_rpc_method_handler(
+                functools.partial(self._service.check_bytes, workload=workload)
+            )
+            if len(self._handlers) >= 4096:  # metadata comes from the network: bounded
+                self._handlers.clear()
+            self._handlers[workload.key] = handler
+        return handler
 
 
 _workloads: dict[tuple[tuple[str, str | bytes], ...], WorkloadIdentity] = {}
@@ -385,7 +494,7 @@ _IDENTITY_METADATA = frozenset(
 def _workload(metadata: Iterable[tuple[str, str | bytes]] | None) -> WorkloadIdentity:
     """The calling workload. A proxy sends the same identity metadata on every call: parsed
     once, and the same object each time (which the authenticator's plan lookup relies on)."""
-    identity = tuple(m for m in metadata or () if m[0] in _IDENTITY_METADATA)
+    identity = tuple([m for m in metadata or () if m[0] in _IDENTITY_METADATA])
     workload = _workloads.get(identity)
     if workload is None:
         workload = WorkloadIdentity.from_metadata(identity)
@@ -395,17 +504,9 @@ def _workload(metadata: Iterable[tuple[str, str | bytes]] | None) -> WorkloadIde
     return workload
 
 
-_counters: dict[tuple[str, str], Any] = {}
-
-
 def count(result: str, rule: str) -> None:
-    """mixerhub_check_total{result, rule} += 1, with the labelled child looked up once."""
-    child = _counters.get((result, rule))
-    if child is None:
-        child = CHECKS.labels(result, rule)
-        if len(_counters) < 10_000:  # rule names come from config: bounded, but be safe
-            _counters[(result, rule)] = child
-    child.inc()
+    """mixerhub_check_total{result, rule} += 1."""
+    CHECKS.labels(result, rule).value += 1
 
 
 # By identity object: the authenticator hands back the same one for a repeated token. An entry
@@ -461,7 +562,7 @@ _MAX_ALLOWANCES = 4096
 
 def allowed_bytes(decision: Decision, authn: AuthnResult | None) -> bytes:
     """``allowed`` for a Check's decision and authentication, serialized."""
-    plain = authn is None or authn == NO_AUTHENTICATION
+    plain = authn is None or authn is NO_AUTHENTICATION
     if plain and not (decision.request_headers or decision.response_headers):
         return _ALLOW_BYTES
     entry = _allowances.get((id(decision), id(authn)))

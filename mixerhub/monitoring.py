@@ -6,6 +6,12 @@ One registry per process: handlers built from configuration register their colle
 
 from __future__ import annotations
 
+import math
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
+from typing import cast
+
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -15,6 +21,9 @@ from prometheus_client import (
     Gauge,
     Histogram,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString as _untyped_float_text
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
@@ -83,3 +92,95 @@ XDS_NACKS = Counter(
     ["type"],
     registry=REGISTRY,
 )
+
+
+# --- counted on the event loop ------------------------------------------------------------------
+#
+# prometheus_client's metrics take a lock on every increment, so that threads may share them. The
+# Check path runs on the event loop's one thread, where a plain int attribute is several times
+# cheaper; a scrape (on another thread, possibly) reads the ints, which the GIL keeps whole. What a
+# scrape sees is what prometheus_client's Counter and Histogram expose.
+
+
+# How prometheus_client writes a bucket's bound (``le``), as Go does: "+Inf", "0.005", "1e+06".
+_float_text = cast(Callable[[float], str], _untyped_float_text)
+
+
+class Count:
+    """One label set's count: ``value += 1`` where the increment is hot, ``inc()`` elsewhere."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.created = time.time()
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class LoopCounter(Collector):
+    """A labelled counter counted on the event loop: NAME_total and NAME_created per label set."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:
+        self._name, self._documentation = name, documentation
+        self._labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], Count] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> Count:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self._labelnames):
+                raise ValueError(f"{self._name} takes labels {self._labelnames}, got {values}")
+            child = self._children[values] = Count()
+        return child
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for values, child in tuple(self._children.items()):  # one step: safe from any thread
+            family.add_metric(list(values), child.value, created=child.created)
+        yield family
+
+
+class LoopHistogram(Collector):
+    """A histogram observed on the event loop: NAME_bucket{le}, NAME_count, NAME_sum and
+    NAME_created, with prometheus_client's bucket rule (the first bound >= the value)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: Sequence[float],
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:
+        bounds = sorted(float(b) for b in buckets if not math.isinf(b))
+        self._name, self._documentation = name, documentation
+        self._bounds = tuple(bounds)
+        self._les = tuple(_float_text(b) for b in (*bounds, math.inf))
+        self._counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+        self.created = time.time()
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self.sum += value
+
+    def collect(self) -> Iterable[Metric]:
+        metric = Metric(self._name, self._documentation, "histogram")
+        counts, total = list(self._counts), self.sum
+        cumulative = 0
+        for le, count in zip(self._les, counts, strict=True):
+            cumulative += count
+            metric.add_sample(f"{self._name}_bucket", {"le": le}, cumulative)
+        metric.add_sample(f"{self._name}_count", {}, cumulative)
+        metric.add_sample(f"{self._name}_sum", {}, total)
+        metric.add_sample(f"{self._name}_created", {}, self.created)
+        yield metric

@@ -222,6 +222,36 @@ async def test_a_check_never_exceeds_its_budget(client: Client, tmp_path: Path) 
     assert "exceeded its 50 ms budget" in response.denied_response.body
 
 
+async def test_each_check_in_flight_keeps_its_own_budget(client: Client, tmp_path: Path) -> None:
+    # One timer keeps every deadline: slow Checks started at different times each expire on
+    # their own, fast ones in between are answered, and nothing is held once all have answered.
+    slow = snapshot_of(PROBE_CONFIG % "{delay: 5}", tmp_path)
+    client.service.activate(slow)
+    client.service.failure = FailurePolicy(budget=0.1)
+    loop = asyncio.get_running_loop()
+
+    async def timed(path: str) -> tuple[float, external_auth_pb2.CheckResponse]:
+        started = loop.time()
+        response = await client.check(path)
+        return loop.time() - started, response
+
+    first = asyncio.ensure_future(timed("/probe"))
+    await asyncio.sleep(0.05)
+    second = asyncio.ensure_future(timed("/probe"))
+    fast = [await client.check("/") for _ in range(3)]
+    assert all(r.status.code == 0 for r in fast)
+    for elapsed, response in (await first, await second):
+        assert "exceeded its 100 ms budget" in response.denied_response.body
+        assert 0.09 <= elapsed < 1
+    # A shorter budget set while Checks are in flight applies to the next ones.
+    client.service.failure = FailurePolicy(budget=0.03)
+    elapsed, response = await timed("/probe")
+    assert "exceeded its 30 ms budget" in response.denied_response.body
+    assert elapsed < 0.09
+    await asyncio.sleep(0.05)
+    assert len(client.service._budget) == 0
+
+
 async def test_decisions_are_cached_by_what_they_depend_on_until_uses_run_out(
     client: Client, tmp_path: Path
 ) -> None:
@@ -306,3 +336,28 @@ async def test_custom_policies_ask_a_handler(
         denied_by = headers_of(response.denied_response.headers)["x-mixerhub-denied-by"]
         assert denied_by == f"AuthorizationPolicy CUSTOM/{provider}"
     assert (await client.check("/public")).status.code == 0
+
+
+@dataclass
+class _CallDetails:
+    method: str
+    invocation_metadata: tuple[tuple[str, str], ...]
+
+
+def test_each_calling_workload_has_its_check_handler_found_from_the_metadata() -> None:
+    handlers = AuthorizationService().generic_handler()
+    check = "/envoy.service.auth.v3.Authorization/Check"
+    web = (
+        ("user-agent", "envoy"),
+        ("x-mixerhub-workload", "web"),
+        ("x-mixerhub-namespace", "shop"),
+    )
+    api = (("x-mixerhub-workload", "api"), ("x-mixerhub-namespace", "shop"))
+    first = handlers.service(_CallDetails(check, web))
+    assert first is not None
+    assert first.unary_unary.keywords["workload"].name == "web"
+    assert handlers.service(_CallDetails(check, (("x-other", "1"), *web[1:]))) is first
+    other = handlers.service(_CallDetails(check, api))
+    assert other is not first
+    assert other.unary_unary.keywords["workload"].name == "api"
+    assert handlers.service(_CallDetails("/envoy.service.auth.v3.Authorization/Other", web)) is None

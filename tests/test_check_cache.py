@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from envoy.service.auth.v3 import external_auth_pb2
+
+from mixerhub.bag import ABSENT
+from mixerhub.check_attributes import CheckContext
+from mixerhub.ext_authz import decision_key
+from mixerhub.workload import WorkloadIdentity
 from tests.test_check import Client, _Probe, snapshot_of
 from tests.test_check import client as client  # the fixture, re-exported for these tests
 
@@ -94,3 +100,27 @@ async def test_a_policy_change_is_never_answered_from_the_old_cache(
     assert (await client.check("/", {"x-tenant": "acme"})).status.code == 0
     client.service.activate(snapshot_of(HEADER_POLICY.replace("blocked", "acme"), tmp_path))
     assert (await client.check("/", {"x-tenant": "acme"})).status.code == 7
+
+
+def _context(path: str, headers: dict[str, str], labels: dict[str, str]) -> CheckContext:
+    request = external_auth_pb2.CheckRequest()
+    request.attributes.request.http.path = path
+    request.attributes.request.http.headers.update(headers)
+    return CheckContext(
+        request, WorkloadIdentity("web", "shop", labels, key=("web", "shop", "", ""))
+    )
+
+
+def test_the_decision_key_holds_the_values_read_frozen_and_nothing_else() -> None:
+    key = decision_key(
+        ("destination.labels", "request.url_path", "not.an.attribute", "odd'\nname"), ("x-env",)
+    )
+    first = key(_context("/a?x=1", {"x-env": "prod", "x-request-id": "1"}, {"app": "web"}))
+    # The labels map is frozen into a hashable stand-in; an unknown attribute is absent.
+    assert first == (("web", "shop", "", ""), (("app", "web"),), "/a", ABSENT, ABSENT, "prod")
+    assert hash(first) == hash(first)
+    # What nothing reads (the query, another header) does not change the key; what is read does.
+    assert key(_context("/a?y=2", {"x-env": "prod", "x-request-id": "2"}, {"app": "web"})) == first
+    assert key(_context("/a", {"x-env": "dev"}, {"app": "web"})) != first
+    assert key(_context("/a", {}, {"app": "web"}))[-1] is None
+    assert key(_context("/a", {"x-env": "prod"}, {"app": "api"})) != first

@@ -1019,6 +1019,23 @@ def test_the_hot_path_reads_no_configuration(tmp_path: Path, key_cache: jwks.Jwk
     assert r.verifier.keys.url == "https://idp.example/.well-known/openid-configuration"
 
 
+async def test_a_remembered_result_ends_with_its_tokens_cache_entry(
+    tmp_path: Path, issuer: OidcIssuer, clock: Clock
+) -> None:
+    auth = authenticator(tmp_path, policy(rule(issuer)))
+    auth.cache = TokenCache(max_ttl=60, clock=clock)  # an entry is good for 60 s of this clock
+    token = issuer.token("alice", ["shop"])
+    first = await auth.authenticate(WEB, bearer(token), "")
+    assert first.identity is not None
+    clock.advance(59)
+    assert await auth.authenticate(WEB, bearer(token), "") is first
+    clock.advance(1)  # the entry is no longer good: verified afresh, and remembered again
+    again = await auth.authenticate(WEB, bearer(token), "")
+    assert again is not first
+    assert again.identity == first.identity
+    assert await auth.authenticate(WEB, bearer(token), "") is again
+
+
 async def test_a_repeated_request_gets_its_result_again_while_the_token_is_good(
     tmp_path: Path, issuer: OidcIssuer
 ) -> None:

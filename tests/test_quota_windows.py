@@ -228,3 +228,46 @@ def test_gcra_never_exceeds_burst_plus_rate(charges: list[tuple[int, int, bool]]
         for length in (0, 200, 1_000, 2_000):
             total = sum(g for ms, g in granted if start <= ms <= start + length)
             assert total <= 5 + 5 * length // 1000
+
+
+def test_rolling_window_drops_each_key_when_its_last_bucket_leaves() -> None:
+    w = RollingWindow(1.0, 0.1)
+    assert w.charge("a", 1, 5, 0.0) == 1
+    assert w.charge("b", 1, 5, 0.25) == 1
+    assert w.charge("a", 1, 5, 0.5) == 1  # a is now the latest to expire
+    assert w.charge("c", 1, 5, 1.0) == 1  # a's first bucket has left, a itself has not
+    assert all(k in w for k in "abc")
+    assert w.charge("c", 1, 5, 1.3) == 1  # bucket 13: b's bucket 2 left at 12
+    assert "b" not in w
+    assert "a" in w
+    assert w.release("c", 2, 1.35) == 2  # c has nothing charged any more: forgotten
+    assert "c" not in w
+    assert w.charge("d", 1, 5, 1.5) == 1  # bucket 15: a's bucket 5 has left
+    assert "a" not in w
+    assert len(w) == 1
+
+
+_keyed_charges = st.lists(
+    st.tuples(st.integers(0, 3_000), st.sampled_from("abc"), st.integers(0, 4), st.booleans()),
+    min_size=1,
+    max_size=80,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_keyed_charges)
+def test_rolling_window_charge_grants_what_take_does_and_keeps_only_live_keys(
+    charges: list[tuple[int, str, int, bool]],
+) -> None:
+    taking, charging = RollingWindow(1.0, 0.1), RollingWindow(1.0, 0.1)
+    grants: list[tuple[str, int, int]] = []  # (key, bucket, amount)
+    for ms, key, amount, best in sorted(charges):
+        taken = taking.take(key, amount, 5, ms / 1000, best_effort=best)
+        assert charging.charge(key, amount, 5, ms / 1000, best) == taken.granted
+        bucket = ms // 100
+        if taken.granted:
+            grants.append((key, bucket, taken.granted))
+        inside = [(k, a) for k, b, a in grants if b > bucket - 10]
+        # A key is held exactly while one of its grants is inside the window.
+        assert {k for k in "abc" if k in charging} == {k for k, _ in inside}
+        assert taken.remaining == 5 - sum(a for k, a in inside if k == key)

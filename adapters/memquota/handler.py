@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mixerhub import adapter
 from mixerhub.adapter import Env, Handler, InstanceSpec, QuotaArgs, QuotaResult
@@ -31,6 +31,10 @@ _MAX_INSTANCES = 4096
 class _Limit:
     max_amount: int
     valid_duration: float  # seconds; 0 = allocation counter
+    # Made when the handler is built: the rolling window the limit counts in (None for a
+    # counter), and the answer to the usual request, one granted in full.
+    window: RollingWindow | None = field(compare=False)
+    granted_one: QuotaResult = field(compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,19 +65,6 @@ def _key(instance: QuotaInstance) -> Hashable:
     return (instance.name, dims)
 
 
-def _compile(q: Quota) -> _CompiledQuota:
-    return _CompiledQuota(
-        _Limit(q.max_amount, q.valid_duration.total_seconds()),
-        tuple(
-            (
-                tuple(sorted(o.dimensions.items())),
-                _Limit(o.max_amount, o.valid_duration.total_seconds()),
-            )
-            for o in q.overrides
-        ),
-    )
-
-
 class _Dedup:
     """Answers already given, by deduplication id, kept for 1x to 2x minDeduplicationDuration.
 
@@ -88,6 +79,7 @@ class _Dedup:
         self.old: dict[tuple[str, str], tuple[int, float | None]] = {}
         self._origin: float | None = None
         self._period = 0
+        self._next_turn = -math.inf  # when the next period begins: nothing to do before
 
     def _turn(self, now: float) -> None:
         if self._origin is None:
@@ -98,9 +90,11 @@ class _Dedup:
         elif period > self._period + 1:
             self.recent, self.old = {}, {}
         self._period = max(self._period, period)
+        self._next_turn = self._origin + (self._period + 1) * self.window
 
     def get(self, key: tuple[str, str], now: float) -> tuple[int, float | None] | None:
-        self._turn(now)
+        if now >= self._next_turn:
+            self._turn(now)
         found = self.recent.get(key)
         return found if found is not None else self.old.get(key)
 
@@ -115,19 +109,33 @@ class MemQuotaHandler(Handler):
     def __init__(self, params: MemQuotaParams, env: Env, clock: Clock = time.monotonic) -> None:
         self.env = env
         self._clock = clock
-        self._quotas = {q.name: _compile(q) for q in params.quotas}
+        self._windows: dict[int, RollingWindow] = {}  # by window length in whole seconds
+        self._quotas = {q.name: self._compile(q) for q in params.quotas}
         self._dedup = _Dedup(params.min_deduplication_duration.total_seconds())
         self._cells: dict[Hashable, int] = {}  # allocation counters (validDuration 0)
-        self._windows: dict[int, RollingWindow] = {}  # by window length in whole seconds
         self._instances: dict[int, tuple[QuotaInstance, Hashable, _Limit]] = {}
 
-    def _window(self, valid_duration: float) -> RollingWindow:
-        seconds = math.ceil(valid_duration)
-        window = self._windows.get(seconds)
-        if window is None:
-            window = RollingWindow(seconds, _TICK, clock=self._clock)
-            self._windows[seconds] = window
-        return window
+    def _compile(self, q: Quota) -> _CompiledQuota:
+        return _CompiledQuota(
+            self._limit(q.max_amount, q.valid_duration.total_seconds()),
+            tuple(
+                (
+                    tuple(sorted(o.dimensions.items())),
+                    self._limit(o.max_amount, o.valid_duration.total_seconds()),
+                )
+                for o in q.overrides
+            ),
+        )
+
+    def _limit(self, max_amount: int, valid_duration: float) -> _Limit:
+        window = None
+        if valid_duration != 0:
+            seconds = math.ceil(valid_duration)
+            window = self._windows.get(seconds)
+            if window is None:
+                window = self._windows[seconds] = RollingWindow(seconds, _TICK, clock=self._clock)
+        # Mixer answered a full grant with the validDuration as configured (not rounded).
+        return _Limit(max_amount, valid_duration, window, QuotaResult(1, valid_duration))
 
     @property
     def keys(self) -> int:
@@ -143,64 +151,69 @@ class MemQuotaHandler(Handler):
             return QuotaResult(0, 0.0, adapter.INTERNAL, f"memquota failed: {e}")
 
     def _handle(self, instance: QuotaInstance, args: QuotaArgs) -> QuotaResult:
-        quota = self._quotas.get(instance.name)
-        if quota is None:  # validation makes this unreachable for configured instances
-            self.env.count_error()
-            return QuotaResult(
-                0, 0.0, adapter.NOT_FOUND, f"memquota has no quota named {instance.name!r}"
-            )
-        if args.amount == 0:
-            return QuotaResult(0)
-        now = self._clock()
-        dedup_key = (instance.name, args.deduplication_id)
-        if args.deduplication_id:
-            seen = self._dedup.get(dedup_key, now)
-            if seen is not None:  # the same answer, and no second charge (dedup.go)
-                amount, expires = seen
-                return QuotaResult(amount, max(0.0, expires - now) if expires else 0.0)
         # A cached check decision hands in the same instance request after request: its key and
         # limit are worked out once. The entry holds the instance, so its id stays its own.
         known = self._instances.get(id(instance))
         if known is not None and known[0] is instance:
             _, key, lim = known
         else:
+            quota = self._quotas.get(instance.name)
+            if quota is None:  # validation makes this unreachable for configured instances
+                self.env.count_error()
+                return QuotaResult(
+                    0, 0.0, adapter.NOT_FOUND, f"memquota has no quota named {instance.name!r}"
+                )
             lim = quota.limit(instance.dimensions)
             key = _key(instance)
             if len(self._instances) >= _MAX_INSTANCES:
                 self._instances.clear()
             self._instances[id(instance)] = (instance, key, lim)
-        if args.amount > 0:
-            amount, valid = self._alloc(key, args.amount, args.best_effort, lim, now)
+        amount = args.amount
+        if amount == 0:
+            return QuotaResult(0)
+        now = self._clock()
+        dedup_id = args.deduplication_id
+        if dedup_id:
+            dedup_key = (instance.name, dedup_id)
+            seen = self._dedup.get(dedup_key, now)
+            if seen is not None:  # the same answer, and no second charge (dedup.go)
+                granted, expires = seen
+                return QuotaResult(granted, max(0.0, expires - now) if expires else 0.0)
+        window = lim.window
+        if amount > 0 and window is not None:  # a rate limit: what almost every request asks
+            granted = window.charge(key, amount, lim.max_amount, now, args.best_effort)
+            if granted < amount and not args.best_effort:
+                granted, valid = 0, 0.0
+            else:
+                # Mixer answered a best-effort request with the validDuration even when it
+                # granted nothing, and a full grant with it as configured (not rounded).
+                valid = lim.valid_duration
+        elif amount > 0:
+            granted, valid = self._count(key, amount, args.best_effort, lim)
         else:
-            amount, valid = self._release(key, -args.amount, lim, now), 0.0
-        if args.deduplication_id:
-            self._dedup.put(dedup_key, amount, now + valid if valid else None)
-        return QuotaResult(amount, valid)
+            granted, valid = self._release(key, -amount, lim, now), 0.0
+        if dedup_id:
+            self._dedup.put(dedup_key, granted, now + valid if valid else None)
+        if granted == 1 and valid == lim.valid_duration:
+            return lim.granted_one
+        return QuotaResult(granted, valid)
 
-    def _alloc(
-        self, key: Hashable, amount: int, best_effort: bool, lim: _Limit, now: float
+    def _count(
+        self, key: Hashable, amount: int, best_effort: bool, lim: _Limit
     ) -> tuple[int, float]:
-        if lim.valid_duration == 0:
-            in_use = self._cells.get(key, 0)
-            left = max(0, lim.max_amount - in_use)
-            if amount > left:
-                if not best_effort:
-                    return 0, 0.0
-                amount = left  # grab as much as we can
-            if amount:
-                self._cells[key] = in_use + amount
-            return amount, 0.0
-        take = self._window(lim.valid_duration).take(
-            key, amount, lim.max_amount, now, best_effort=best_effort
-        )
-        if take.granted < amount and not best_effort:
-            return 0, 0.0
-        # Mixer answered a best-effort request with the quota's validDuration even when it
-        # granted nothing, and a full grant with the validDuration as configured (not rounded).
-        return take.granted, lim.valid_duration
+        """An allocation counter's grant (validDuration 0)."""
+        in_use = self._cells.get(key, 0)
+        left = max(0, lim.max_amount - in_use)
+        if amount > left:
+            if not best_effort:
+                return 0, 0.0
+            amount = left  # grab as much as we can
+        if amount:
+            self._cells[key] = in_use + amount
+        return amount, 0.0
 
     def _release(self, key: Hashable, amount: int, lim: _Limit, now: float) -> int:
-        if lim.valid_duration == 0:
+        if lim.window is None:
             in_use = self._cells.get(key, 0)
             if amount >= in_use:
                 self._cells.pop(key, None)
@@ -208,7 +221,8 @@ class MemQuotaHandler(Handler):
             self._cells[key] = in_use - amount
             return amount
         # Releasing a rate limit is racy by nature (it may free a newer window), as Mixer warned.
-        return self._window(lim.valid_duration).release(key, amount, now)
+        assert lim.window is not None
+        return lim.window.release(key, amount, now)
 
 
 def build(

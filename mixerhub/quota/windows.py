@@ -193,6 +193,9 @@ class RollingWindow(_Keyed[_Buckets]):
         self.window, self.bucket = window, bucket
         self._bucket = _ns(bucket)
         self.buckets = math.ceil(_ns(window) / self._bucket)
+        # The bucket index before which no key can have expired (the oldest key's expiry, as of
+        # the last sweep): keys are in expiry order, so until then there is nothing to sweep.
+        self._sweep_from = 0
 
     def _first_live(self, now: int) -> int:
         """The oldest bucket index still inside the window at ``now``."""
@@ -220,19 +223,48 @@ class RollingWindow(_Keyed[_Buckets]):
         *,
         best_effort: bool = False,
     ) -> Take:
-        # memquota charges every request here: _sweep, _expired and _roll are inlined.
         if amount < 0 or limit < 0:
             _check_args(amount, limit)
         t = round((self._clock() if now is None else now) * _NS)
+        granted = self._charge(key, amount, limit, t, best_effort)
+        state = self._state.get(key)
+        if state is None:  # unknown and nothing granted: the whole limit is left
+            return Take(granted, limit, 0.0)
+        counts = state.counts
+        remaining = limit - state.total
+        if remaining < 0:
+            remaining = 0
+        if not counts:
+            return Take(granted, remaining, 0.0)
+        return Take(granted, remaining, ((counts[-1][0] + self.buckets) * self._bucket - t) / _NS)
+
+    def charge(
+        self, key: Hashable, amount: int, limit: int, now: float | None = None,
+        best_effort: bool = False,
+    ) -> int:  # fmt: skip
+        """``take``'s grant alone, which is all memquota asks on every request."""
+        if amount < 0 or limit < 0:
+            _check_args(amount, limit)
+        return self._charge(
+            key, amount, limit, round((self._clock() if now is None else now) * _NS), best_effort
+        )
+
+    def _charge(self, key: Hashable, amount: int, limit: int, t: int, best_effort: bool) -> int:
+        # memquota charges every request here: _sweep, _expired and _roll are inlined.
         index = t // self._bucket
         first = index - self.buckets + 1
         states = self._state
-        while states:
-            oldest = next(iter(states))
-            counts = states[oldest].counts
-            if counts and counts[-1][0] >= first:
-                break
-            del states[oldest]
+        if index >= self._sweep_from:
+            while states:
+                oldest = next(iter(states))
+                counts = states[oldest].counts
+                if counts and counts[-1][0] >= first:
+                    # Nothing expires before the oldest key does: no sweep until then.
+                    self._sweep_from = counts[-1][0] + self.buckets
+                    break
+                del states[oldest]
+            else:
+                self._sweep_from = 0
         state = states.get(key)
         known = state is not None
         if state is None:
@@ -254,10 +286,7 @@ class RollingWindow(_Keyed[_Buckets]):
                 states.move_to_end(key)  # the latest to expire (what _store does for a known key)
             else:
                 self._store(key, state)
-        if not counts:
-            return Take(granted, left - granted, 0.0)
-        reset_after = ((counts[-1][0] + self.buckets) * self._bucket - t) / _NS
-        return Take(granted, left - granted, reset_after)
+        return granted
 
     def release(self, key: Hashable, amount: int, now: float | None = None) -> int:
         """Give back up to ``amount`` from the newest buckets backwards (as Mixer's memquota did
@@ -266,6 +295,8 @@ class RollingWindow(_Keyed[_Buckets]):
             raise ValueError(f"amount must be >= 0, got {amount}")
         t = self._now(now)
         self._sweep(t)
+        # Released buckets may make a key expire before the oldest: the next charge sweeps.
+        self._sweep_from = 0
         state = self._state.get(key)
         if state is None:
             return 0

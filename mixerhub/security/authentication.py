@@ -210,6 +210,20 @@ class _Verified:
     headers: tuple[tuple[str, str], ...]
 
 
+@dataclass(frozen=True, slots=True)
+class _Remembered:
+    """A repeated request's result, good while its token's entry in the verified-token cache
+    would be: until it expires, while the rule's key set is the same generation and the cache
+    has not been cleared. Checking is a few compares, with no lookup in the cache itself."""
+
+    plan: _Plan
+    keys: KeySource
+    generation: int | None
+    until: float
+    epoch: int
+    result: AuthnResult
+
+
 # Process-wide, like the key sets: a configuration reload keeps the tokens verified so far.
 TOKEN_CACHE: TokenCache[_Verified] = TokenCache()
 
@@ -235,36 +249,50 @@ class Authenticator:
         self.referenced = bool(self.policies)
         self._plans: dict[tuple[str, frozenset[tuple[str, str]]], _Plan] = {}
         self._last: tuple[WorkloadIdentity, _Plan] | None = None
-        self._results: dict[
-            tuple[object, ...], tuple[_Plan, CompiledJwtRule, str, AuthnResult]
-        ] = {}
+        self._results: dict[tuple[object, ...], _Remembered] = {}
 
     def applies(self, workload: WorkloadIdentity) -> bool:
         """Whether any JWT rule applies to the workload."""
         return bool(self.referenced and self._plan(workload).rules)
+
+    def known(
+        self, workload: WorkloadIdentity, headers: Mapping[str, str], query: str
+    ) -> AuthnResult | None:
+        """``authenticate``'s answer when it needs nothing awaited (no rule applies, a CORS
+        preflight, a repeated request whose token is still good); None when it does."""
+        last = self._last  # _plan's own first step, without the call
+        plan = last[1] if last is not None and last[0] is workload else self._plan(workload)
+        if not plan.rules:
+            return NO_AUTHENTICATION
+        if headers.get(":method") == "OPTIONS" and _is_cors_preflight(headers):
+            # Istio sets Envoy's bypass_cors_preflight: a preflight carries no credentials.
+            return AuthnResult(None, None, (), plan.sanitize)
+        # A repeated request (same token in the same places): the result made last time, while
+        # its token is still valid in the token cache (unexpired, its key set unchanged).
+        remembered = self._results.get(
+            (id(plan), query if plan.reads_query else None, *map(headers.get, plan.inputs))
+        )
+        if (
+            remembered is not None
+            and remembered.plan is plan
+            and self.cache.clock() < remembered.until
+            and remembered.generation == remembered.keys.generation
+            and remembered.epoch == self.cache.epoch
+        ):
+            _CACHED.value += 1
+            return remembered.result
+        return None
 
     async def authenticate(
         self, workload: WorkloadIdentity, headers: Mapping[str, str], query: str
     ) -> AuthnResult:
         """The request's end-user identity. ``headers`` have lower-case names (as in Envoy's
         CheckRequest); ``query`` is the raw query string of the path. Never raises."""
+        known = self.known(workload, headers, query)
+        if known is not None:
+            return known
         plan = self._plan(workload)
-        if not plan.rules:
-            return NO_AUTHENTICATION
-        if _is_cors_preflight(headers):
-            # Istio sets Envoy's bypass_cors_preflight: a preflight carries no credentials.
-            return AuthnResult(None, None, (), plan.sanitize)
-        # A repeated request (same token in the same places): the result made last time, while
-        # its token is still valid in the token cache (unexpired, its key set unchanged).
         inputs = (id(plan), query if plan.reads_query else None, *map(headers.get, plan.inputs))
-        remembered = self._results.get(inputs)
-        if remembered is not None:
-            known_plan, rule, token, result = remembered
-            if known_plan is plan and self.cache.get(
-                rule.scope, token, rule.verifier.keys.generation
-            ):
-                _CACHED.inc()
-                return result
         tokens = RequestTokens(headers, query)
         found: list[tuple[CompiledJwtRule, tuple[tuple[TokenLocation, str], ...]]] = []
         for rule in plan.rules:
@@ -347,9 +375,14 @@ class Authenticator:
         result: AuthnResult,
     ) -> AuthnResult:
         if len(found) == 1:  # one token: its validity is the result's
-            if len(self._results) >= _MAX_RESULTS:
-                self._results.clear()
-            self._results[inputs] = (plan, rule, found[0][1], result)
+            until = self.cache.until(rule.scope, found[0][1])
+            if until is not None:
+                if len(self._results) >= _MAX_RESULTS:
+                    self._results.clear()
+                keys = rule.verifier.keys
+                self._results[inputs] = _Remembered(
+                    plan, keys, keys.generation, until, self.cache.epoch, result
+                )
         return result
 
     def _plan(self, workload: WorkloadIdentity) -> _Plan:

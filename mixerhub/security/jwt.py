@@ -25,21 +25,20 @@ from typing import Generic, Literal, TypeVar
 
 from joserfc.errors import JoseError
 from joserfc.jws import JWSRegistry
-from prometheus_client import Counter
 
-from mixerhub.monitoring import REGISTRY
+from mixerhub.monitoring import LoopCounter
 from mixerhub.security.jwks import ALGORITHMS, KeySource, SigningKey
 
 MAX_TOKEN_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 8 * 1024
 CLOCK_SKEW_SECONDS = 60.0  # Envoy's jwt_authn default (clock_skew_seconds)
 
-JWT_VERIFICATIONS = Counter(
+# Counted on the event loop in plain ints: a cached token is counted on every Check.
+JWT_VERIFICATIONS = LoopCounter(
     "mixerhub_jwt_verifications",
     "JWT authentication: tokens whose signature verified, requests answered from the verified-token"
     " cache, and requests refused.",
     ["result"],
-    registry=REGISTRY,
 )
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
@@ -330,10 +329,12 @@ class TokenCache(Generic[V]):
         max_ttl: float = 300.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.max_entries, self.max_ttl, self._clock = max_entries, max_ttl, clock
+        self.max_entries, self.max_ttl, self.clock = max_entries, max_ttl, clock
         self._entries: OrderedDict[tuple[Hashable, str], tuple[int | None, float, V]] = (
             OrderedDict()
         )
+        # Counts clear()s: what was learned from the cache holds only while this is unchanged.
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -344,16 +345,21 @@ class TokenCache(Generic[V]):
         if entry is None:
             return None
         held_generation, until, value = entry
-        if held_generation != generation or self._clock() >= until:
+        if held_generation != generation or self.clock() >= until:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
         return value
 
+    def until(self, scope: Hashable, token: str) -> float | None:
+        """When the token's entry stops being good (by the cache's clock), if there is one."""
+        entry = self._entries.get((scope, token))
+        return None if entry is None else entry[1]
+
     def put(
         self, scope: Hashable, token: str, generation: int | None, expires: float | None, value: V
     ) -> None:
-        now = self._clock()
+        now = self.clock()
         until = now + self.max_ttl
         if expires is not None and math.isfinite(expires):
             until = min(until, expires + CLOCK_SKEW_SECONDS)
@@ -367,3 +373,4 @@ class TokenCache(Generic[V]):
 
     def clear(self) -> None:
         self._entries.clear()
+        self.epoch += 1

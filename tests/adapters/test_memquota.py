@@ -184,6 +184,28 @@ async def test_a_retried_request_gets_the_same_answer_and_counts_once() -> None:
     assert [(await ask(h2, q())).amount for _ in range(3)] == [1, 1, 0]
 
 
+async def test_ids_are_forgotten_on_mixers_grid_of_deduplication_periods() -> None:
+    # Mixer turned its two maps every minDeduplicationDuration from the start: an id answered
+    # in one period is remembered through the next, and forgotten when the one after begins.
+    clock = Clock()
+    start = clock.now
+    h = handler(clock, quotas=[{"name": NAME, "maxAmount": 100, "validDuration": "10s"}])
+    await ask(h, q(), deduplication_id="early")  # period 0 begins here
+    clock.now = start + 0.9
+    await ask(h, q(), deduplication_id="late")  # still period 0
+    clock.now = start + 1.1
+    await ask(h, q(), deduplication_id="next")  # period 1
+    clock.now = start + 1.99
+    for rid in ("early", "late", "next"):  # all remembered: no new charge
+        await ask(h, q(), deduplication_id=rid)
+    assert (await ask(h, q(), 100, best_effort=True)).amount == 97  # 3 charged, 97 left
+    clock.now = start + 2.0  # period 2: period 0's ids are forgotten, period 1's are not
+    assert (await ask(h, q(), deduplication_id="late")).amount == 0  # charged anew: none left
+    assert (await ask(h, q(), deduplication_id="next")).amount == 1  # remembered answer
+    clock.now = start + 3.0
+    assert (await ask(h, q(), deduplication_id="next")).amount == 0  # forgotten
+
+
 async def test_the_same_id_for_two_quotas_is_two_requests() -> None:
     clock = Clock()
     h = handler(
