@@ -31,7 +31,7 @@ from envoy.service.ratelimit.v3 import rls_pb2
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
-from mixerhub.monitoring import REGISTRY
+from mixerhub.monitoring import REGISTRY, Count, LoopCounter
 from mixerhub.ratelimit import wire
 from mixerhub.ratelimit.backend import Backend, Charge, MemoryBackend
 from mixerhub.ratelimit.matching import Domain, Limit, RateLimits, Unit
@@ -39,7 +39,9 @@ from mixerhub.snapshot import Snapshot
 
 log = logging.getLogger("mixerhub.rate_limit")
 
-DECISIONS = Counter(
+# Counted on the event loop, every call: plain ints (mixerhub.monitoring.LoopCounter), where
+# prometheus_client's Counter takes a lock per increment.
+DECISIONS = LoopCounter(
     "mixerhub_ratelimit_decisions",
     "ShouldRateLimit calls answered, by overall code.",
     ["code"],
@@ -58,19 +60,19 @@ MALFORMED = Counter(
 # envoyproxy/ratelimit's per-limit stats; descriptor is the matched configuration path
 # (key_value joined with "."), or the request's entries with detailed_metric.
 _LABELS = ["domain", "descriptor"]
-TOTAL_HITS = Counter(
+TOTAL_HITS = LoopCounter(
     "mixerhub_ratelimit_total_hits", "Hits on a limit.", _LABELS, registry=REGISTRY
 )
-OVER_LIMIT = Counter(
+OVER_LIMIT = LoopCounter(
     "mixerhub_ratelimit_over_limit", "Hits over a limit.", _LABELS, registry=REGISTRY
 )
-NEAR_LIMIT = Counter(
+NEAR_LIMIT = LoopCounter(
     "mixerhub_ratelimit_near_limit",
     "Hits that left a limit at least 80% used.",
     _LABELS,
     registry=REGISTRY,
 )
-SHADOW_MODE = Counter(
+SHADOW_MODE = LoopCounter(
     "mixerhub_ratelimit_shadow_mode",
     "Hits over a shadow-mode limit, answered OK.",
     _LABELS,
@@ -327,13 +329,13 @@ def _label(limit: Limit, entries: Sequence[tuple[str, str]]) -> str:
     return limit.path
 
 
-# prometheus_client's labels() validates and locks on every call: plans hold their series.
+# A series is found once: plans hold their series.
 # Bounded: detailed_metric labels carry values.
-_CHILDREN: dict[tuple[int, str, str], Counter] = {}
+_CHILDREN: dict[tuple[int, str, str], Count] = {}
 _MAX_CHILDREN = 10_000
 
 
-def _child(metric: Counter, domain: str, label: str) -> Counter:
+def _child(metric: LoopCounter, domain: str, label: str) -> Count:
     key = (id(metric), domain, label)
     child = _CHILDREN.get(key)
     if child is None:
