@@ -67,16 +67,19 @@ class LazyBag(dict[str, Any], Generic[C]):
 # access-log entry): parsed one way for both.
 
 
-class KnownIPv4Address(ipaddress.IPv4Address):
+class _KnownText:
     """An address that keeps its text and hash: the same few peers are printed and looked up
     entry after entry, where ipaddress would compute both anew each time."""
 
-    __slots__ = ("_hash", "_text")
+    __slots__ = ()
+    _text: str
+    _hash: int
 
     def __init__(self, address: str) -> None:
-        super().__init__(address)
-        self._text = super().__str__()
-        self._hash = super().__hash__()
+        super().__init__(address)  # type: ignore[call-arg]  # the ipaddress class after this one
+        # The slots are the subclasses': a mixin's own would clash with ipaddress's layout.
+        self._text = super().__str__()  # type: ignore[misc]
+        self._hash = super().__hash__()  # type: ignore[misc]
 
     def __str__(self) -> str:
         return self._text
@@ -85,21 +88,12 @@ class KnownIPv4Address(ipaddress.IPv4Address):
         return self._hash
 
 
-class KnownIPv6Address(ipaddress.IPv6Address):
-    """KnownIPv4Address's counterpart."""
-
+class KnownIPv4Address(_KnownText, ipaddress.IPv4Address):
     __slots__ = ("_hash", "_text")
 
-    def __init__(self, address: str) -> None:
-        super().__init__(address)
-        self._text = super().__str__()
-        self._hash = super().__hash__()
 
-    def __str__(self) -> str:
-        return self._text
-
-    def __hash__(self) -> int:
-        return self._hash
+class KnownIPv6Address(_KnownText, ipaddress.IPv6Address):
+    __slots__ = ("_hash", "_text")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -544,9 +544,8 @@ class Preprocessor:
                 values, fixed = produced
                 for b in missing:
                     if not b.reads_request:
-                        value = fixed.get(b.attribute, _MISSING)
-                        if value is not _MISSING:
-                            target[b.attribute] = value
+                        if b.attribute in fixed:  # absent when its binding failed
+                            target[b.attribute] = fixed[b.attribute]
                         continue
                     try:
                         target[b.attribute] = b.evaluate(_Overlay(values, bag))
@@ -554,7 +553,6 @@ class Preprocessor:
                         log.debug("binding %s of %s: %s", b.attribute, g.instance.name, e)
 
 
-_MISSING = object()
 _MAX_MEMO = 10_000  # instances come from the network: bounded
 
 

@@ -59,6 +59,19 @@ def next_base_id() -> int:
     return next(_BASE_IDS)
 
 
+def envoy_validate(config: str, work: Path) -> None:
+    """``envoy --mode validate`` on a configuration (YAML or JSON text) written into ``work``;
+    fails the test with the configuration's end and Envoy's output unless Envoy says OK."""
+    path = work / "envoy-validate.yaml"
+    path.write_text(config)
+    command = [sibling_executable("envoy"), "--mode", "validate", "-c", str(path)]
+    command += ["--base-id", str(next_base_id()), "--disable-hot-restart"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{config[-3000:]}\n{output[-3000:]}"
+    assert "OK" in output, output[-3000:]
+
+
 def sibling_executable(name: str) -> str:
     """``name`` from the running interpreter's bin directory, else from PATH."""
     candidate = Path(sys.executable).with_name(name)

@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import linecache
 import shutil
+import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -333,11 +334,26 @@ async def test_entries_take_the_general_path_until_the_programs_are_ready(
     assert [r.calls for r in recorders.values()] == general
 
 
-async def test_the_hub_prepares_the_programs_off_the_event_loop(snapshot: Snapshot) -> None:
+async def test_the_hub_prepares_the_programs_off_the_event_loop(
+    snapshot: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """activate returns before any program is generated; entries meanwhile take the general
+    path, and the programs are there once the preparing thread is done."""
+    release = threading.Event()
+    prepare = ReportPrograms.prepare
+
+    def slow_prepare(self: ReportPrograms) -> None:
+        release.wait(10)
+        prepare(self)
+
+    monkeypatch.setattr(ReportPrograms, "prepare", slow_prepare)
     service = AccessLogService()
-    service.activate(snapshot)
+    service.activate(snapshot)  # would block here for 10 s if it prepared in line
     programs = service.programs
     assert programs is not None
+    assert programs.ready("http", REPORTERS[0]) is None
+    assert programs.dispatch("http", [entry()], REPORTERS[0]) > 0  # the general path serves
+    release.set()
     for _ in range(200):
         if programs.ready("http", REPORTERS[0]) is not None:
             break

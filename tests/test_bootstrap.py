@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from mixerhub.bootstrap import (
     render_yaml,
     static_bootstrap,
 )
-from tests.harness import next_base_id, sibling_executable
+from tests.harness import envoy_validate
 
 REVIEWS = Workload(
     name="reviews-v1",
@@ -83,13 +82,7 @@ def _cluster(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
 def test_envoy_validate_accepts_the_bootstrap(options: BootstrapOptions, tmp_path: Path) -> None:
-    path = tmp_path / "envoy.yaml"
-    path.write_text(render_yaml(options))
-    command = [sibling_executable("envoy"), "--mode", "validate", "-c", str(path)]
-    command += ["--base-id", str(next_base_id()), "--disable-hot-restart"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, f"{render_yaml(options)}\n{result.stdout}\n{result.stderr}"
-    assert "OK" in result.stdout + result.stderr
+    envoy_validate(render_yaml(options), tmp_path)
 
 
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
@@ -319,13 +312,7 @@ def _network_filters(config: dict[str, Any]) -> list[dict[str, Any]]:
 def test_envoy_validate_accepts_the_tcp_bootstrap(
     options: BootstrapOptions, tmp_path: Path
 ) -> None:
-    path = tmp_path / "envoy.yaml"
-    path.write_text(render_yaml(options))
-    command = [sibling_executable("envoy"), "--mode", "validate", "-c", str(path)]
-    command += ["--base-id", str(next_base_id()), "--disable-hot-restart"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, f"{render_yaml(options)}\n{result.stdout}\n{result.stderr}"
-    assert "OK" in result.stdout + result.stderr
+    envoy_validate(render_yaml(options), tmp_path)
 
 
 @pytest.mark.parametrize("options", TCP_OPTION_SETS.values(), ids=TCP_OPTION_SETS.keys())

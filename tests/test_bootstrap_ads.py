@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from mixerhub.bootstrap import (
     ads_options_from_args,
     render_ads_yaml,
 )
-from tests.harness import next_base_id, sibling_executable
+from tests.harness import envoy_validate
 
 REVIEWS = Workload("reviews-v1", "bookinfo", {"app": "reviews", "version": "v1"}, "reviews")
 
@@ -37,12 +36,7 @@ def _parse(*argv: str) -> AdsOptions:
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 def test_envoy_validate_accepts_it(delta: bool, tmp_path: Path) -> None:
     text = render_ads_yaml(AdsOptions(REVIEWS, hub=("127.0.0.1", 9091), delta=delta))
-    path = tmp_path / "envoy.yaml"
-    path.write_text(text)
-    command = [sibling_executable("envoy"), "--mode", "validate", "-c", str(path)]
-    command += ["--base-id", str(next_base_id()), "--disable-hot-restart"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, f"{text}\n{result.stdout}\n{result.stderr}"
+    envoy_validate(text, tmp_path)
     json_format.ParseDict(yaml.safe_load(text), bootstrap_pb2.Bootstrap())
     assert "&id" not in text
 

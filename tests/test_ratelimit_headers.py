@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,8 @@ from tests.harness import (
     HubFactory,
     Response,
     Upstream,
+    envoy_validate,
     loopback_options,
-    sibling_executable,
 )
 
 WORKLOAD = Workload("ratelimited", "shop", {"app": "ratelimited"})
@@ -116,11 +115,7 @@ def test_options_check_their_headers() -> None:
 
 def test_envoy_validate_accepts_header_descriptors(tmp_path: Path) -> None:
     options = from_argv("--ratelimit-header", "x-user-id=user", "--ratelimit-header", ":path=p")
-    path = tmp_path / "envoy.yaml"
-    path.write_text(render_yaml(options))
-    command = [sibling_executable("envoy"), "--mode", "validate", "-c", str(path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    envoy_validate(render_yaml(options), tmp_path)
 
 
 # --- a real Envoy and the hub ---

@@ -7,7 +7,6 @@ import contextlib
 import http.client
 import json
 import ssl
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from mixerhub.xds.translate import translate, translate_data
 from tests.harness import (
     LOOPBACK,
     envoy_ready_probe,
+    envoy_validate,
     free_port,
     http_request,
     next_base_id,
@@ -31,7 +31,7 @@ from tests.harness import (
     sibling_executable,
     start_upstream,
 )
-from tests.test_translate import PRODUCTPAGE, compile_text, static_bootstrap
+from tests.test_translate import PRODUCTPAGE, compile_text, sds_from_the_hub, static_bootstrap
 
 TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
 DOWNSTREAM_TLS = (
@@ -321,25 +321,9 @@ def test_translate_makes_protobuf_listeners(tmp_path: Path) -> None:
 
 # As in tests/test_translate.py: `envoy --mode validate` (1.40) crashes on ADS config sources
 # for SDS, so the secrets are asked of the hub's cluster directly.
-_SDS_SOURCE = {
-    "api_config_source": {
-        "api_type": "GRPC",
-        "transport_api_version": "V3",
-        "grpc_services": [{"envoy_grpc": {"cluster_name": "mixerhub"}}],
-    },
-    "resource_api_version": "V3",
-}
-
-
 def _sds_from_the_hub(listener: dict[str, Any]) -> None:
     for chain in listener["filter_chains"]:
-        socket = chain.get("transport_socket")
-        if socket is None:
-            continue
-        common = socket["typed_config"]["common_tls_context"]
-        common["validation_context_sds_secret_config"]["sds_config"] = _SDS_SOURCE
-        for secret in common["tls_certificate_sds_secret_configs"]:
-            secret["sds_config"] = _SDS_SOURCE
+        sds_from_the_hub(chain.get("transport_socket"))
 
 
 @pytest.mark.parametrize(
@@ -363,13 +347,7 @@ def test_envoy_validates_the_inbound_listeners(tmp_path: Path, policies: str) ->
         _sds_from_the_hub(listener)
     text = json.dumps(config)
     assert '"ads"' not in text
-    path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    command = [sibling_executable("envoy"), "--mode", "validate", "-c", str(path)]
-    command += ["--base-id", str(next_base_id()), "--disable-hot-restart"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    assert "OK" in result.stdout + result.stderr
+    envoy_validate(yaml.safe_dump(config, sort_keys=False), tmp_path)
 
 
 # --- A real Envoy serving the translated listener ------------------------------------------

@@ -18,7 +18,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from mixerhub.xds.cache import Watch
 from mixerhub.xds.proxy import Proxy
-from mixerhub.xds.resources import PUSH_ORDER
+from mixerhub.xds.resources import in_push_order
 from mixerhub.xds.status import SyncStatus
 from mixerhub.xds.stream import record_nack, record_push
 
@@ -79,11 +79,9 @@ class DeltaStream:
         return [] if response is None else [response]
 
     def on_change(self) -> list[discovery_pb2.DeltaDiscoveryResponse]:
-        order = [*PUSH_ORDER, *(t for t in self._types if t not in PUSH_ORDER)]
         responses = []
-        for type_url in order:
-            state = self._types.get(type_url)
-            if state is not None and (response := self._respond(type_url, state)) is not None:
+        for type_url in in_push_order(self._types):
+            if (response := self._respond(type_url, self._types[type_url])) is not None:
                 responses.append(response)
         return responses
 

@@ -6,7 +6,7 @@ messages from xds-protos. The translation produces it; the snapshot cache versio
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from google.protobuf.message import Message
 
@@ -18,6 +18,15 @@ SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
 # Make before break: what is referenced arrives before what references it.
 PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)
+
+
+def in_push_order(type_urls: Iterable[str]) -> list[str]:
+    """The types in PUSH_ORDER first (make before break: clusters and endpoints before the
+    listeners and routes using them), then any other in the order given."""
+    given = list(type_urls)
+    return [*(t for t in PUSH_ORDER if t in given), *(t for t in given if t not in PUSH_ORDER)]
+
+
 # Wildcard types: every response is the full set, and a name missing from it is deleted.
 WILDCARD = frozenset({LISTENER, CLUSTER})
 
