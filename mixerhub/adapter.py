@@ -14,6 +14,10 @@ quota                      ``async handle_quota(instance: QuotaInstance, args)``
 attribute generator        ``generate_<template>_attributes(instance: Instance)``      the output
 =========================  =========================================================  ===========
 
+A quota handler that answers from memory (memquota) may also offer
+``handle_quota_now(instance, args) -> QuotaResult``, the same answer without a coroutine: a Check
+whose decision is cached is then answered without suspending.
+
 An attribute generator (Mixer's APA, e.g. kubernetes) runs before check and report rules, on both
 paths, so its method is synchronous and must answer from memory (Mixer's
 GenerateKubernetesAttributes). The instance's ``attributeBindings`` bind the output into the bag.

@@ -90,15 +90,19 @@ class DecisionCache:
     ) -> Hashable:
         return (workload, *(freeze(bag.get(name, _MISSING)) for name in referenced))
 
-    def get(self, key: Hashable) -> Decision | None:
+    def get(self, key: Hashable, *, count_miss: bool = True) -> Decision | None:
+        """The decision kept for ``key``, one use spent. ``count_miss`` False: a lookup that
+        will be made again on a miss (the Check path's fast lane), which counts it then."""
         entry = self._entries.get(key)
         if entry is None:
-            self.misses += 1
+            if count_miss:
+                self.misses += 1
             return None
         decision, expires_at, uses_left = entry
         if expires_at <= self.clock() or uses_left <= 0:
             del self._entries[key]
-            self.misses += 1
+            if count_miss:
+                self.misses += 1
             return None
         entry[2] = uses_left - 1
         self._entries.move_to_end(key)

@@ -43,7 +43,13 @@ from mixerhub.bootstrap import (
 )
 from mixerhub.check_attributes import EXTRACTORS, CheckBag, CheckContext
 from mixerhub.decision_cache import SCALARS, Decision, DecisionCache, freeze
-from mixerhub.dispatcher import CheckDispatcher, CheckOutcome, charge, header_values
+from mixerhub.dispatcher import (
+    CheckDispatcher,
+    CheckOutcome,
+    charge,
+    charge_now,
+    header_values,
+)
 from mixerhub.monitoring import LoopCounter, LoopHistogram
 from mixerhub.security.authentication import NO_AUTHENTICATION, AuthnResult
 from mixerhub.snapshot import BuiltHandler, Snapshot
@@ -144,6 +150,40 @@ class Checker:
         # kept with a decision, so none is cached.
         self._caching = not self.dispatcher.governed
         self._authenticating = self.authenticator.referenced
+        # A cached decision whose quotas answer from memory needs nothing awaited.
+        self.answers_now = self._caching and self.dispatcher.quotas_answer_now
+
+    def answer_now(
+        self, request: external_auth_pb2.CheckRequest, workload: WorkloadIdentity
+    ) -> bytes | None:
+        """``check``'s answer when nothing needs awaiting: a token already verified, a cached
+        decision, quotas charged from memory. Most Checks are such repeats, and answering them
+        without a coroutine or a budget timer halves what they cost. None when something must
+        be awaited; nothing has been counted or charged then, and ``check`` starts over."""
+        context = CheckContext(request, workload)
+        authn: AuthnResult | None = None
+        if self._authenticating:
+            authn = self.authenticator.known(
+                workload, context.headers, context.http.path.partition("?")[2]
+            )
+            if authn is None:
+                return None
+            if authn.error is not None:
+                count("unauthenticated", "RequestAuthentication")
+                return _serialize(unauthenticated(authn.error))
+            if authn.identity is not None:
+                context.identity = _identity_attributes(authn.identity)
+        decision = self.cache.get(self._key(context), count_miss=False)
+        if decision is None:
+            return None
+        if decision.charges:
+            outcome = charge_now(decision.charges, QuotaArgs(1, False, context.http.id))
+            if outcome is not None:
+                decision = _charged(decision, outcome)
+        count(decision.result, decision.denied_by)
+        if not decision.allowed:
+            return _serialize(denied(decision))
+        return allowed_bytes(decision, authn)
 
     async def check(
         self, request: external_auth_pb2.CheckRequest, workload: WorkloadIdentity
@@ -415,6 +455,17 @@ class AuthorizationService:
                 )
             if workload is None:
                 workload = _workload(context.invocation_metadata())
+            checker = self.checker
+            if checker is not None and checker.answers_now:
+                try:
+                    answer = checker.answer_now(request, workload)
+                except HandlerFailure as e:
+                    return _serialize(self._failed(str(e)))
+                except Exception:  # as in check: one request's clear answer, not the process
+                    log.exception("check failed")
+                    return _serialize(self._failed("internal error"))
+                if answer is not None:
+                    return answer
             response = await self.check(request, workload)
             return response if response.__class__ is bytes else _serialize(response)
         finally:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 
+from mixerhub import registry
+from mixerhub.adapter import AdapterInfo, Handler, QuotaArgs, QuotaResult
 from mixerhub.bag import ABSENT
 from mixerhub.check_attributes import CheckContext
-from mixerhub.ext_authz import decision_key
+from mixerhub.ext_authz import AuthorizationService, FailurePolicy, decision_key
+from mixerhub.templates import QuotaInstance
+from mixerhub.types import Params
 from mixerhub.workload import WorkloadIdentity
-from tests.test_check import Client, _Probe, snapshot_of
+from tests.test_check import PROBE, Client, _Probe, snapshot_of
 from tests.test_check import client as client  # the fixture, re-exported for these tests
 
 QUOTA_AND_CHECK = """
@@ -124,3 +129,98 @@ def test_the_decision_key_holds_the_values_read_frozen_and_nothing_else() -> Non
     assert key(_context("/a", {"x-env": "dev"}, {"app": "web"})) != first
     assert key(_context("/a", {}, {"app": "web"}))[-1] is None
     assert key(_context("/a", {"x-env": "prod"}, {"app": "api"})) != first
+
+
+class _AwaitedQuota(Handler):
+    """A quota handler that answers only in a coroutine (as a network backend does)."""
+
+    async def handle_quota(self, instance: QuotaInstance, args: QuotaArgs) -> QuotaResult:
+        return QuotaResult(args.amount, 60.0)
+
+
+AWAITED = AdapterInfo("awaited", "test quota adapter", ("quota",), Params,
+                      lambda p, i, e: _AwaitedQuota())  # fmt: skip
+
+
+def _check_request(path: str, request_id: str) -> external_auth_pb2.CheckRequest:
+    request = external_auth_pb2.CheckRequest()
+    http = request.attributes.request.http
+    http.path, http.method, http.id = path, "GET", request_id
+    return request
+
+
+_SHOP = WorkloadIdentity("web", "shop", {}, key=("web", "shop", "", ""))
+
+
+async def test_a_repeated_check_is_answered_now_and_charged_exactly_once_per_request(
+    tmp_path: Path,
+) -> None:
+    service = AuthorizationService()
+    service.activate(snapshot_of(QUOTA_AND_CHECK, tmp_path))
+    checker = service.checker
+    assert checker is not None
+    assert checker.answers_now
+    # Nothing cached yet: the fast lane answers nothing, and has charged nothing.
+    assert checker.answer_now(_check_request("/a", "r0"), _SHOP) is None
+
+    def status(answer: bytes | external_auth_pb2.CheckResponse | None) -> int:
+        assert isinstance(answer, bytes)
+        return external_auth_pb2.CheckResponse.FromString(answer).status.code
+
+    assert status(await service.check(_check_request("/a", "r0"), _SHOP)) == 0
+    # The probe's answer is good for 3 uses: two more requests, then the slow path again.
+    assert [status(checker.answer_now(_check_request("/a", r), _SHOP)) for r in ("r1", "r2")] == [
+        0,
+        0,
+    ]
+    assert checker.answer_now(_check_request("/a", "r3"), _SHOP) is None
+    assert status(await service.check(_check_request("/a", "r3"), _SHOP)) == 0
+    # maxAmount 4 charged by r0..r3, on either lane: the fifth request is over.
+    assert status(checker.answer_now(_check_request("/a", "r4"), _SHOP)) == 8
+    # A retried request (the same id) is memquota's deduplicated charge: its first answer again.
+    assert status(checker.answer_now(_check_request("/a", "r2"), _SHOP)) == 0
+
+
+async def test_a_quota_failing_on_the_fast_lane_follows_the_failure_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for fail_open, expected in ((False, 14), (True, 0)):
+        service = AuthorizationService(FailurePolicy(fail_open=fail_open))
+        snapshot = snapshot_of(QUOTA_AND_CHECK, tmp_path)
+        service.activate(snapshot)
+        assert isinstance(await service.check(_check_request("/a", "r0"), _SHOP), bytes)
+        quota = snapshot.handlers["quota.handler.istio-system"].handler
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("memory exploded")
+
+        monkeypatch.setattr(quota, "_handle", broken)
+        answer = await service.check_bytes(
+            _check_request("/a", "r1").SerializeToString(),
+            None,
+            _SHOP,  # type: ignore[arg-type]
+        )
+        response = external_auth_pb2.CheckResponse.FromString(answer)
+        assert response.status.code == expected, fail_open
+
+
+async def test_a_quota_that_must_be_awaited_keeps_checks_off_the_fast_lane(
+    tmp_path: Path,
+) -> None:
+    reg = registry.build_registry([*registry.builtin(), ("test", PROBE), ("test2", AWAITED)])
+    text = QUOTA_AND_CHECK.replace("compiledAdapter: memquota", "compiledAdapter: awaited")
+    text = text.replace(
+        "params:\n    quotas: [{name: requests.instance.istio-system, maxAmount: 4,"
+        " validDuration: 60s}]",
+        "params: {}",
+    )
+    service = AuthorizationService()
+    service.activate(snapshot_of(text, tmp_path, reg))
+    checker = service.checker
+    assert checker is not None
+    assert not checker.answers_now
+    for n in range(3):  # answered all the same, by the awaited path
+        answer = await service.check(_check_request("/a", f"r{n}"), _SHOP)
+        assert isinstance(answer, bytes)
+        assert external_auth_pb2.CheckResponse.FromString(answer).status.code == 0
+    assert checker.cache.hits == 2
