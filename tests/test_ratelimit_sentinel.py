@@ -9,6 +9,8 @@ the counts the replica had copied.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ import redis
 from mixerhub.monitoring import REGISTRY
 from mixerhub.ratelimit.backend import Charge
 from mixerhub.ratelimit.redis import RedisBackend
+from mixerhub.ratelimit.sentinel import SwitchMasterWatch
 from tests.harness import LOOPBACK, ProcessGroup
 from tests.redis_server import (
     RedisServer,
@@ -178,3 +181,44 @@ async def test_after_a_failover_decisions_resume_on_the_promoted_replica(
         assert evalsha_calls(topology.replica.port) >= 2
     finally:
         await b.aclose()
+
+
+async def test_a_master_that_hangs_is_left_when_the_sentinel_switches(
+    topology: Topology,
+) -> None:
+    # Stopped, the master keeps its connections open and answers nothing: no call fails but by
+    # its timeout, so only the Sentinel's +switch-master notice tells that another master rules.
+    c = Charge(("d", (("user", "u3"),)), 1, 1_000_000, 60, "fixed_window")
+    b = RedisBackend.from_url(topology.url, timeout=0.2)
+    b.backoff = 0.0
+    switches = REGISTRY.get_sample_value("mixerhub_ratelimit_redis_master_switches_total") or 0.0
+    try:
+        assert (await b.take([c]))[0].charged
+        os.kill(topology.master.process.pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 30
+            while evalsha_calls(topology.replica.port) == 0:
+                assert time.monotonic() < deadline, "decisions stayed with the hung master"
+                await b.take([c])
+                await asyncio.sleep(0.05)
+            assert sentinel_master(topology.sentinel.port, SERVICE) == topology.replica.port
+            assert all([(await b.take([c]))[0].charged for _ in range(3)])
+            assert (
+                REGISTRY.get_sample_value("mixerhub_ratelimit_redis_master_switches_total")
+                == switches + 1
+            )
+        finally:
+            os.kill(topology.master.process.pid, signal.SIGCONT)
+    finally:
+        await b.aclose()
+
+
+def test_only_the_services_own_switches_are_followed() -> None:
+    switched: list[tuple[str, int]] = []
+    watch = SwitchMasterWatch([], SERVICE, lambda host, port: switched.append((host, port)))
+    watch._notice(b"othermaster 10.0.0.1 6379 10.0.0.2 6379")  # another service's failover
+    watch._notice(b"mymaster 10.0.0.1 6379")  # not what Sentinel sends
+    watch._notice("mymaster 10.0.0.1 6379 10.0.0.2 port")
+    assert switched == []
+    watch._notice(b"mymaster 10.0.0.1 6379 10.0.0.2 6380")
+    assert switched == [("10.0.0.2", 6380)]

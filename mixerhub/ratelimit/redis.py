@@ -22,7 +22,8 @@ Redis again (the connection is made again): a decision never waits for a dead se
 
 One server or a Sentinel's master, over TCP or TLS, is reached through the script connection of
 resp.py (every decision made at the same moment in one write); a Cluster and a unix socket
-through redis-py, one call per decision.
+through redis-py, one call per decision. A Sentinel's failovers are followed as they are
+announced (sentinel.py), so a master that hangs is left as soon as another one is promoted.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from redis.exceptions import NoScriptError
 from mixerhub.monitoring import REGISTRY
 from mixerhub.ratelimit.backend import Charge, Outcome
 from mixerhub.ratelimit.resp import RedisReplyError, ScriptConnection, bulk
+from mixerhub.ratelimit.sentinel import SwitchMasterWatch
 
 log = logging.getLogger("mixerhub.ratelimit.redis")
 
@@ -379,29 +381,39 @@ def _hosts(
     return username, password, tuple(hosts)
 
 
-def _script_connection(client: Client, timeout: float) -> ScriptConnection | None:
+def _script_connection(
+    client: Client, timeout: float
+) -> tuple[ScriptConnection | None, SwitchMasterWatch | None]:
     """A ScriptConnection to the server ``client`` talks to, when that is one server or a
-    Sentinel's master, over TCP or TLS; None for a Cluster or a unix socket."""
+    Sentinel's master, over TCP or TLS (None for a Cluster or a unix socket); for a Sentinel's
+    master, the watch that drops the connection when the sentinels switch masters."""
     if not isinstance(client, aioredis.Redis):
-        return None
+        return None, None
     pool = client.connection_pool
     kw = pool.connection_kwargs
     cls = pool.connection_class
     locate = None
+    watch = None
     if isinstance(pool, SentinelConnectionPool):
         manager, service = pool.sentinel_manager, pool.service_name
 
         async def locate() -> tuple[str, int]:
+            assert watch is not None
+            watch.start()  # on the loop, once: before the first connection
             host, port = await manager.discover_master(service)
             return str(host), int(port)
 
+        def switched(host: str, port: int) -> None:
+            connection.drop(f"the Sentinel switched the master to {host}:{port}")
+
+        watch = SwitchMasterWatch(manager.sentinels, service, switched)
     elif cls not in (aioredis.Connection, aioredis.SSLConnection):
-        return None  # a unix socket
+        return None, None  # a unix socket
     tls = None
     if issubclass(cls, aioredis.SSLConnection):
         # redis-py's own reading of the URL's ssl_* settings, made into a context as it would.
         tls = cls(**kw).ssl_context.get()
-    return ScriptConnection(
+    connection = ScriptConnection(
         kw.get("host", "localhost"),
         int(kw.get("port", 6379)),
         db=int(kw.get("db", 0) or 0),
@@ -414,6 +426,7 @@ def _script_connection(client: Client, timeout: float) -> ScriptConnection | Non
         tls=tls,
         locate=locate,
     )
+    return connection, watch
 
 
 class RedisBackend:
@@ -442,7 +455,7 @@ class RedisBackend:
         self._clock = clock
         # One server or a Sentinel's master, over TCP or TLS: the script runs over a connection
         # of our own (resp.py), pipelined. A Cluster keeps redis-py, one call per decision.
-        self._script = _script_connection(client, timeout)
+        self._script, self._watch = _script_connection(client, timeout)
         self._loaded = False
         self._down_until = 0.0
         # Redis key -> monotonic time until which nothing fits (enforced keys only).
@@ -461,6 +474,8 @@ class RedisBackend:
         return cls(client, timeout=timeout, failure=failure, also_close=others)
 
     async def aclose(self) -> None:
+        if self._watch is not None:
+            await self._watch.aclose()
         if self._script is not None:
             await self._script.aclose()
         await close(self.client, self._also_close)

@@ -217,6 +217,11 @@ class ScriptConnection:
             # The batch in flight is answered: the commands queued meanwhile go in one write.
             self._flush()
 
+    def drop(self, reason: str) -> None:
+        """Close the connection (its calls in flight fail with ``reason``): the next call
+        connects again, asking ``locate`` where to."""
+        self._lost(ConnectionError(reason))
+
     def _lost(self, error: Exception) -> None:
         transport, self._transport = self._transport, None
         if transport is not None:

@@ -269,9 +269,14 @@ class Authenticator:
             return AuthnResult(None, None, (), plan.sanitize)
         # A repeated request (same token in the same places): the result made last time, while
         # its token is still valid in the token cache (unexpired, its key set unchanged).
-        remembered = self._results.get(
-            (id(plan), query if plan.reads_query else None, *map(headers.get, plan.inputs))
-        )
+        inputs = plan.inputs
+        if len(inputs) == 1:  # most plans read one header: no map() nor unpacking
+            key: tuple[object, ...] = (
+                id(plan), query if plan.reads_query else None, headers.get(inputs[0])
+            )  # fmt: skip
+        else:
+            key = (id(plan), query if plan.reads_query else None, *map(headers.get, inputs))
+        remembered = self._results.get(key)
         if (
             remembered is not None
             and remembered.plan is plan
