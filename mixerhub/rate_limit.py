@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
@@ -33,7 +33,7 @@ from prometheus_client import Counter
 
 from mixerhub.monitoring import REGISTRY, Count, LoopCounter
 from mixerhub.ratelimit import wire
-from mixerhub.ratelimit.backend import Backend, Charge, MemoryBackend
+from mixerhub.ratelimit.backend import Backend, Charge, MemoryBackend, Outcome
 from mixerhub.ratelimit.matching import Domain, Limit, RateLimits, Unit
 from mixerhub.snapshot import Snapshot
 
@@ -106,6 +106,10 @@ _MAX_PLANS = 50_000
 class RateLimitService:
     def __init__(self, backend: Backend | None = None) -> None:
         self.backend: Backend = backend if backend is not None else MemoryBackend()
+        # A backend that answers from memory is asked without a coroutine.
+        self._take_now: Callable[[Sequence[Charge]], Sequence[Outcome]] | None = getattr(
+            self.backend, "take_now", None
+        )
         self.limits = RateLimits()
         self._domains: dict[bytes, DomainPlans] = {}
 
@@ -204,7 +208,8 @@ class RateLimitService:
             charges.append(plan.charge if hits == 1 else plan.charge_of(hits))
         if not charges:
             return wire.response(_OK, statuses), False
-        outcomes = await self.backend.take(charges)
+        take_now = self._take_now
+        outcomes = take_now(charges) if take_now is not None else await self.backend.take(charges)
         over = False
         tightest: tuple[DescriptorPlan, int, int] | None = None
         for (i, plan), outcome in zip(charged, outcomes, strict=True):

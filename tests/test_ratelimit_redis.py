@@ -153,6 +153,25 @@ async def test_a_fixed_window_resets_on_its_edge(backend: RedisBackend) -> None:
     assert (await backend.take_at([c], edge))[0] == Outcome(False, True, 1, 1.0)
 
 
+async def test_a_fixed_window_key_expires_after_its_window_set_once_by_its_first_charge(
+    backend: RedisBackend, sync_redis: redis.Redis
+) -> None:
+    c = charge("ttl", "fixed_window", 10, unit=60)
+    assert (await backend.take([c]))[0].charged
+    [key] = sync_redis.keys()  # the window's own: KEY:index
+    assert key.decode().startswith(redis_key(c) + ":")
+    first = sync_redis.pttl(key)
+    # The window's end plus a second, as Redis's clock says: within the 61 s a minute allows.
+    assert 1_000 < first <= 61_000
+    sync_redis.execute_command("PEXPIRE", key, 5_000)  # type: ignore[no-untyped-call]
+    assert (await backend.take([c]))[0].charged
+    assert sync_redis.get(key) == b"2"
+    # The second charge wrote the count only: the expiry is the one it found.
+    assert 4_000 < sync_redis.pttl(key) <= 5_000
+    calls = sync_redis.info("commandstats")
+    assert calls["cmdstat_pexpire"]["calls"] == 2  # the script's first, and this test's
+
+
 async def test_a_token_bucket_refills_one_token_per_interval(backend: RedisBackend) -> None:
     c = charge("gcra", "token_bucket", 4, unit=1)
     t = 1_800_000_000.0

@@ -44,6 +44,9 @@ class Outcome(NamedTuple):
 
 
 class Backend(Protocol):
+    """Where counters live. A backend that answers from memory also offers
+    ``take_now(charges)``, the same answer without a coroutine, which callers prefer."""
+
     async def take(self, charges: Sequence[Charge]) -> Sequence[Outcome]:
         """One outcome per charge, in order."""
         ...

@@ -7,7 +7,8 @@ them all or none, atomically, with the same semantics as the in-memory backend
 charge; a shadow-mode one is reported over but stops nothing. Time is Redis's own TIME, so every
 hub agrees on window edges.
 
-- fixed window: one counter per aligned window (``KEY:window``), INCRBY + PEXPIRE.
+- fixed window: one counter per aligned window (``KEY:window``), INCRBY, and PEXPIRE when the
+  window's first charge creates it.
 - rolling window: a hash of bucket -> count (60 buckets per unit), stale buckets removed.
 - token bucket (GCRA): the theoretical arrival time in microseconds, with a PX expiry.
 
@@ -35,7 +36,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Awaitable, Hashable, Sequence
 from typing import Any, Literal, NamedTuple
 from urllib.parse import unquote
 
@@ -97,7 +98,9 @@ local function load(algo, key, limit, unit)
     local rkey = key .. ':' .. index
     s = states[rkey]
     if s == nil then
-      s = {rkey = rkey, used = tonumber(redis.call('GET', rkey) or '0'), stop = (index + 1) * unit}
+      local raw = redis.call('GET', rkey)
+      -- fresh: a window's first write gives its key the expiry (no PEXPIRE on every charge)
+      s = {rkey = rkey, used = tonumber(raw or '0'), stop = (index + 1) * unit, fresh = not raw}
     end
   elseif algo == 'r' then
     s = states[key]
@@ -201,7 +204,10 @@ for i = 1, n do
       if it.algo == 'f' then
         s.used = s.used + it.hits
         redis.call('INCRBY', s.rkey, it.hits)
-        redis.call('PEXPIRE', s.rkey, math.ceil((s.stop - now) / 1000) + 1000)
+        if s.fresh then
+          s.fresh = false
+          redis.call('PEXPIRE', s.rkey, math.ceil((s.stop - now) / 1000) + 1000)
+        end
       elseif it.algo == 'r' then
         s.used = s.used + it.hits
         s.newest = s.index
@@ -480,14 +486,13 @@ class RedisBackend:
             await self._script.aclose()
         await close(self.client, self._also_close)
 
-    async def take(self, charges: Sequence[Charge]) -> Sequence[Outcome]:
-        return await self._take(charges, None)
-
     async def take_at(self, charges: Sequence[Charge], now: float) -> Sequence[Outcome]:
         """Test hook: decide as if Redis's clock said ``now`` (seconds); the cache is bypassed."""
-        return await self._take(charges, now)
+        return await self.take(charges, now)
 
-    async def _take(self, charges: Sequence[Charge], now: float | None) -> Sequence[Outcome]:
+    async def take(self, charges: Sequence[Charge], now: float | None = None) -> Sequence[Outcome]:
+        # One coroutine from here to the reply's future (see _run): a decision's every layer
+        # is resumed when Redis answers.
         if not charges:
             return []
         encoded = [self._encoding(c) for c in charges]
@@ -501,7 +506,14 @@ class RedisBackend:
             WITHOUT_REDIS.labels("failure_policy").inc()
             return self._policy(charges)
         try:
-            raw = await self._run(encoded, now)
+            try:
+                raw = await self._run(encoded, now)
+            except RedisReplyError as err:
+                if self._script is None or not str(err).startswith("NOSCRIPT"):
+                    raise
+                # Redis lost the script (SCRIPT FLUSH): loaded again, and the call run again.
+                resp = self._evalsha(encoded, now)
+                raw = await asyncio.wait_for(self._reload(resp), self.timeout)
         except Exception as e:
             reason = "timeout" if isinstance(e, TimeoutError) else "error"
             FAILURES.labels(reason).inc()
@@ -538,27 +550,26 @@ class RedisBackend:
             self._encoded[id(c)] = e
         return e
 
-    async def _run(self, encoded: list[_Encoded], now: float | None) -> list[Any]:
-        keys = [e.key for e in encoded]
-        if self._script is not None:
-            parts = [_evalsha_head(len(encoded)), *(e.key_bulk for e in encoded)]
-            parts.append(_REDIS_NOW if now is None else bulk(str(round(now * _US))))
-            for e in encoded:
-                parts += (bulk(e.charge.hits), e.args)
-            resp = b"".join(parts)
-            try:
-                result = await self._script.send(resp, self.timeout)
-            except RedisReplyError as err:
-                if not str(err).startswith("NOSCRIPT"):
-                    raise
-                result = await asyncio.wait_for(self._reload(resp), self.timeout)
-            return list(result)
-        return await asyncio.wait_for(
-            self._run_by_client(keys, self._args(encoded, now)), self.timeout
-        )
+    def _run(self, encoded: list[_Encoded], now: float | None) -> Awaitable[list[Any]]:
+        """The script's reply. On the script connection, the reply's own future: no coroutine
+        of ours in between (unless the connection is still to be made)."""
+        if self._script is None:
+            keys = [e.key for e in encoded]
+            return asyncio.wait_for(
+                self._run_by_client(keys, self._args(encoded, now)), self.timeout
+            )
+        return self._script.send(self._evalsha(encoded, now), self.timeout)
+
+    @staticmethod
+    def _evalsha(encoded: list[_Encoded], now: float | None) -> bytes:
+        parts = [_evalsha_head(len(encoded)), *(e.key_bulk for e in encoded)]
+        parts.append(_REDIS_NOW if now is None else bulk(str(round(now * _US))))
+        for e in encoded:
+            parts += (bulk(e.charge.hits), e.args)
+        return b"".join(parts)
 
     async def _reload(self, resp: bytes) -> Any:
-        """Redis lost the script (a restart, SCRIPT FLUSH): load it and run the call again."""
+        """Load the script and run the call again."""
         assert self._script is not None
         await self._script.call("SCRIPT", "LOAD", SCRIPT)
         return await self._script.send(resp, self.timeout)

@@ -99,11 +99,16 @@ class ScriptConnection:
             await asyncio.shield(self._connection())
         return await self._send(command(*parts))
 
-    async def send(self, resp: bytes, timeout: float) -> Any:
-        """Send one command already encoded as RESP and wait for its reply, at most
-        ``timeout`` seconds (then TimeoutError); otherwise as ``call``."""
+    def send(self, resp: bytes, timeout: float) -> Awaitable[Any]:
+        """Send one command already encoded as RESP; its reply, awaited, comes within
+        ``timeout`` seconds (else TimeoutError); otherwise as ``call``. Connected, this is the
+        reply's future itself, with no coroutine to run."""
         if self._transport is None:
-            await asyncio.wait_for(asyncio.shield(self._connection()), timeout)
+            return self._connect_and_send(resp, timeout)
+        return self._send(resp, timeout)
+
+    async def _connect_and_send(self, resp: bytes, timeout: float) -> Any:
+        await asyncio.wait_for(asyncio.shield(self._connection()), timeout)
         return await self._send(resp, timeout)
 
     def _send(self, resp: bytes, timeout: float | None = None) -> asyncio.Future[Any]:
