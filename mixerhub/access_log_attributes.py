@@ -144,6 +144,7 @@ class Snippet(NamedTuple):
 LOCALS: Mapping[str, Snippet] = {
     "common": Snippet("entry.common_properties"),
     "request": Snippet("entry.request"),
+    "request_headers": Snippet("request.request_headers", ("request",)),
     "response": Snippet("entry.response"),
     "conn": Snippet("entry.connection_properties"),
     "tls": Snippet("common.tls_properties", ("common",)),
@@ -557,10 +558,9 @@ def _headers_of(request: Any) -> dict[str, str]:
 
 
 # The request fields Envoy logs on their own, which _headers_of also shows as headers.
-_HEADER_FIELDS: Mapping[str, Callable[[Any], str]] = {
-    ":authority": lambda r: r.authority, ":path": lambda r: r.path,
-    "user-agent": lambda r: r.user_agent, "referer": lambda r: r.referer,
-    "x-request-id": lambda r: r.request_id, "x-forwarded-for": lambda r: r.forwarded_for,
+_HEADER_FIELDS: Mapping[str, str] = {
+    ":authority": "authority", ":path": "path", "user-agent": "user_agent", "referer": "referer",
+    "x-request-id": "request_id", "x-forwarded-for": "forwarded_for",
 }  # fmt: skip
 
 
@@ -571,10 +571,23 @@ def request_header(request: Any, name: str, default: Any) -> Any:
         return value
     field = _HEADER_FIELDS.get(name)
     if field is not None:
-        return field(request) or default
+        return getattr(request, field) or default
     if name == ":method" and request.request_method:
         return _METHODS.get(request.request_method, "")
     return default
+
+
+def request_header_present(name: str, out: str) -> str | None:
+    """``((out := request_header(request, name, _M)) is not _M)`` as code over the locals
+    ``request`` and ``request_headers``, without the call (an access log reads several headers
+    of every entry); None for ``:method``, which only the call reads."""
+    if name == ":method":
+        return None
+    own = f"(({out} := request_headers.get({name!r}, _M)) is not _M)"
+    field = _HEADER_FIELDS.get(name)
+    if field is None:
+        return own
+    return f"({own} or (({out} := request.{field} or _M) is not _M))"
 
 
 def _side(inbound: Extractor, outbound: Extractor) -> Extractor:

@@ -35,6 +35,7 @@ from mixerhub.access_log_attributes import (
     Reporter,
     attribute_snippet,
     plan_namespace,
+    request_header_present,
 )
 from mixerhub.attributes import ValueType
 from mixerhub.bag import ABSENT
@@ -473,7 +474,12 @@ class _LocalGenerator(Generator):
     def present(self, node: typed.Node, out: str) -> str | None:
         name = self._header(node)
         if name is not None:
-            return f"(({out} := _header(request, {name!r}, _M)) is not _M)"
+            inline = request_header_present(name, out)
+            if inline is None:
+                return f"(({out} := _header(request, {name!r}, _M)) is not _M)"
+            assert self._define_local is not None  # as _header made sure
+            self._define_local("request_headers")
+            return inline
         return super().present(node, out)
 
     def attribute(self, name: str) -> str:

@@ -23,6 +23,7 @@ from mixerhub.access_log_attributes import (
     Reporter,
     _headers_of,
     request_header,
+    request_header_present,
 )
 from mixerhub.access_log_dispatch import ReportPrograms
 from mixerhub.dispatcher import ReportDispatcher
@@ -298,6 +299,25 @@ def test_one_header_reads_as_in_the_headers_map() -> None:
             assert request_header(e.request, name, None) == headers.get(name), name
     bare = entry().__class__().request
     assert request_header(bare, ":method", "default") == "default"
+
+
+def test_an_inlined_header_read_reads_as_the_call() -> None:
+    missing = object()
+    names = [":authority", ":path", "user-agent", "referer", "x-request-id", "x-forwarded-for",
+             "content-type", "x-empty", "x-none"]  # fmt: skip
+    for e in [*_http_entries(), entry()]:
+        request = e.request
+        request.request_headers["x-empty"] = ""
+        request.request_headers[":path"] = ""  # logged, even empty, it wins over the field
+        for name in names:
+            code = request_header_present(name, "out")
+            assert code is not None
+            scope = {"_M": missing, "request": request, "request_headers": request.request_headers}
+            present = eval(code, scope)  # our own generated code
+            expected = request_header(request, name, missing)
+            assert present == (expected is not missing), name
+            assert scope["out"] is expected if expected is missing else scope["out"] == expected
+    assert request_header_present(":method", "out") is None  # only the call reads it
 
 
 async def test_every_program_is_ready_once_the_configuration_is_active(
