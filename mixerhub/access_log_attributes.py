@@ -140,6 +140,28 @@ class Snippet(NamedTuple):
     absent: bool = True
 
 
+# Small reads as code, each over one message ({0}): generated dispatch inlines them (a call
+# per entry and attribute is measurable), and the extractors call them as functions made from
+# the same code, so both read alike.
+_IP = "parse_ip({0}.socket_address.address)"
+# Reading a sub-message that is not set costs more than asking whether it is.
+_PEER = (
+    "(_san({0}.peer_certificate_properties)"
+    " if {0}.HasField('peer_certificate_properties') else ABSENT)"
+)
+_LOCAL = (
+    "(_san({0}.local_certificate_properties)"
+    " if {0}.HasField('local_certificate_properties') else ABSENT)"
+)
+_PROTOCOL = (
+    "('grpc' if {0}.request_headers.get('content-type', '').startswith('application/grpc')"
+    " else 'http')"
+)
+_GRPC_STATUS = (
+    "({0}.response_trailers.get('grpc-status') or {0}.response_headers.get('grpc-status')"
+    " or ABSENT)"
+)
+
 # Locals the generated extraction computes at most once per entry, each from those it needs.
 LOCALS: Mapping[str, Snippet] = {
     "common": Snippet("entry.common_properties"),
@@ -148,8 +170,8 @@ LOCALS: Mapping[str, Snippet] = {
     "response": Snippet("entry.response"),
     "conn": Snippet("entry.connection_properties"),
     "tls": Snippet("common.tls_properties", ("common",)),
-    "peer": Snippet("_peer_of(tls)", ("tls",)),
-    "local": Snippet("_local_of(tls)", ("tls",)),
+    "peer": Snippet(_PEER.format("tls"), ("tls",)),
+    "local": Snippet(_LOCAL.format("tls"), ("tls",)),
     "peer_namespace": Snippet("namespace_of(peer)", ("peer",)),
     "start": Snippet("_start_of(common)", ("common",)),
     "elapsed": Snippet("_elapsed_of(common)", ("common",)),
@@ -174,11 +196,11 @@ _R_ACCOUNT, _R_UID = "reporter.service_account or ABSENT", "reporter.uid or ABSE
 # The extractors of COMMON_EXTRACTORS, HTTP_EXTRACTORS and TCP_EXTRACTORS as source: the same
 # reads in the same order (tests/test_report_codegen.py holds them to the same results).
 COMMON_CODE: Mapping[str, Snippet | Sided] = {
-    "source.ip": _sided("_ip(common.downstream_remote_address)",
-                        "_ip(common.downstream_local_address)", ("common",)),
+    "source.ip": _sided(_IP.format("common.downstream_remote_address"),
+                        _IP.format("common.downstream_local_address"), ("common",)),
     "source.port": _sided("_port(common.downstream_remote_address)", "ABSENT", ("common",)),
-    "destination.ip": _sided("_ip(common.downstream_local_address)",
-                             "_ip(common.upstream_remote_address)", ("common",)),
+    "destination.ip": _sided(_IP.format("common.downstream_local_address"),
+                             _IP.format("common.upstream_remote_address"), ("common",)),
     "destination.port": _sided("_port(common.downstream_local_address)",
                                "_port(common.upstream_remote_address)", ("common",)),
     "source.principal": _sided("peer", "local", ("peer", "local")),
@@ -208,7 +230,7 @@ COMMON_CODE: Mapping[str, Snippet | Sided] = {
 
 HTTP_CODE: Mapping[str, Snippet | Sided] = {
     **COMMON_CODE,
-    "context.protocol": Snippet("_protocol_of(request)", ("request",), absent=False),
+    "context.protocol": Snippet(_PROTOCOL.format("request"), ("request",), absent=False),
     "request.time": Snippet("start", ("start",)),
     "response.time": Snippet("end", ("end",)),
     "response.duration": Snippet("elapsed", ("elapsed",)),
@@ -235,7 +257,7 @@ HTTP_CODE: Mapping[str, Snippet | Sided] = {
         absent=False,
     ),
     "response.headers": Snippet("_map(response.response_headers)", ("response",), absent=False),
-    "response.grpc_status": Snippet("_grpc_status_of(response)", ("response",)),
+    "response.grpc_status": Snippet(_GRPC_STATUS.format("response"), ("response",)),
     "response.grpc_message": Snippet(
         'response.response_trailers.get("grpc-message", "") or ABSENT', ("response",)
     ),
@@ -321,12 +343,11 @@ def plan_namespace(extractors: Mapping[str, Extractor]) -> dict[str, Any]:
     """The globals generated extraction code runs with: the helpers its snippets call."""
     return {
         "ABSENT": ABSENT, "EntryContext": EntryContext, "extractors": extractors,
-        "_ip": _ip, "_port": _port, "_peer_of": _peer_of, "_local_of": _local_of,
-        "_start_of": _start_of,
+        "parse_ip": parse_ip, "_san": _san, "_port": _port, "_start_of": _start_of,
         "_elapsed_of": _elapsed_of, "_host_of": _host_of, "namespace_of": namespace_of,
-        "_flags_of": _flags_of, "_protocol_of": _protocol_of, "_METHODS": _METHODS,
+        "_flags_of": _flags_of, "_METHODS": _METHODS,
         "_url_path_of": _url_path_of, "_headers_of": _headers_of,
-        "_grpc_status_of": _grpc_status_of, "_service_name": _service_name, "_map": _map,
+        "_service_name": _service_name, "_map": _map,
         "_header": request_header,
     }  # fmt: skip
 
@@ -340,10 +361,6 @@ def attribute_snippet(kind: str, name: str, inbound: bool) -> Snippet | None:
     if isinstance(snippet, Sided):
         return snippet.inbound if inbound else snippet.outbound
     return snippet
-
-
-def _ip(address: address_pb2.Address) -> Any:
-    return parse_ip(address.socket_address.address)
 
 
 def _port(address: address_pb2.Address) -> Any:
@@ -397,24 +414,23 @@ def _end(c: EntryContext) -> Any:
     return ABSENT if start is ABSENT or elapsed is ABSENT else start + elapsed
 
 
-def _peer_of(tls: Any) -> Any:
-    # Reading a sub-message that is not set costs more than asking whether it is.
-    if tls.HasField("peer_certificate_properties"):
-        return _san(tls.peer_certificate_properties)
-    return ABSENT
-
-
-def _local_of(tls: Any) -> Any:
-    if tls.HasField("local_certificate_properties"):
-        return _san(tls.local_certificate_properties)
-    return ABSENT
-
-
 def _san(properties: Any) -> Any:
     for san in properties.subject_alt_name:
         if san.uri:
             return principal(san.uri)
     return ABSENT
+
+
+def _function(code: str) -> Callable[[Any], Any]:
+    """``code``'s read as a function of its message."""
+    function: Callable[[Any], Any] = eval(  # the constants above, never configuration
+        f"lambda m: {code.format('m')}", {"parse_ip": parse_ip, "_san": _san, "ABSENT": ABSENT}
+    )
+    return function
+
+
+_ip, _peer_of, _local_of = _function(_IP), _function(_PEER), _function(_LOCAL)
+_protocol_of, _grpc_status_of = _function(_PROTOCOL), _function(_GRPC_STATUS)
 
 
 def _peer_principal(c: EntryContext) -> Any:
@@ -507,25 +523,12 @@ def _service_name(host: Any) -> Any:
     return host.split(".", 1)[0]
 
 
-def _protocol(c: EntryContext) -> str:
+def _protocol(c: EntryContext) -> Any:
     return _protocol_of(c.entry.request)
-
-
-def _protocol_of(request: Any) -> str:
-    content_type = request.request_headers.get("content-type", "")
-    return "grpc" if content_type.startswith("application/grpc") else "http"
 
 
 def _grpc_status(c: EntryContext) -> Any:
     return _grpc_status_of(c.entry.response)
-
-
-def _grpc_status_of(response: Any) -> Any:
-    return (
-        response.response_trailers.get("grpc-status")
-        or response.response_headers.get("grpc-status")
-        or ABSENT
-    )
 
 
 def _response_code(c: EntryContext) -> Any:
