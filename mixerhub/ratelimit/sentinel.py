@@ -56,8 +56,6 @@ class SwitchMasterWatch:
         self._poll = poll
         self._clients = [_subscriber(s, health_check=2 * poll) for s in sentinels]
         self._task: asyncio.Task[None] | None = None
-        # Set once a subscription holds: for tests, and to tell a sentinel that never answers.
-        self.subscribed = asyncio.Event()
 
     def start(self) -> None:
         if self._task is None:
@@ -69,14 +67,12 @@ class SwitchMasterWatch:
                 try:
                     await self._follow(client)
                 except (RedisError, OSError) as e:
-                    self.subscribed.clear()
                     log.info("Sentinel %s: %s; trying the next", _address(client), e)
             await asyncio.sleep(self._retry)
 
     async def _follow(self, client: aioredis.Redis) -> None:
         async with client.pubsub() as pubsub:
             await pubsub.subscribe(CHANNEL)
-            self.subscribed.set()
             while True:
                 message = await pubsub.get_message(
                     ignore_subscribe_messages=True, timeout=self._poll
