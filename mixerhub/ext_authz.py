@@ -157,9 +157,10 @@ class Checker:
         self, request: external_auth_pb2.CheckRequest, workload: WorkloadIdentity
     ) -> bytes | None:
         """``check``'s answer when nothing needs awaiting: a token already verified, a cached
-        decision, quotas charged from memory. Most Checks are such repeats, and answering them
-        without a coroutine or a budget timer halves what they cost. None when something must
-        be awaited; nothing has been counted or charged then, and ``check`` starts over."""
+        decision, quotas charged from memory. Most Checks are such repeats: they are answered
+        without a coroutine, an await or a budget timer (nothing can exceed the budget without
+        waiting). None when something must be awaited; nothing has been counted or charged
+        then, and ``check`` starts over."""
         context = CheckContext(request, workload)
         authn: AuthnResult | None = None
         if self._authenticating:
