@@ -169,11 +169,9 @@ class Checker:
             )
             if authn is None:
                 return None
-            if authn.error is not None:
-                count("unauthenticated", "RequestAuthentication")
-                return _serialize(unauthenticated(authn.error))
-            if authn.identity is not None:
-                context.identity = _identity_attributes(authn.identity)
+            refused = _authenticated(context, authn)
+            if refused is not None:
+                return refused
         decision = self.cache.get(self._key(context), count_miss=False)
         if decision is None:
             return None
@@ -181,14 +179,11 @@ class Checker:
             outcome = charge_now(decision.charges, QuotaArgs(1, False, context.http.id))
             if outcome is not None:
                 decision = _charged(decision, outcome)
-        count(decision.result, decision.denied_by)
-        if not decision.allowed:
-            return _serialize(denied(decision))
-        return allowed_bytes(decision, authn)
+        return _answer(decision, authn)
 
     async def check(
         self, request: external_auth_pb2.CheckRequest, workload: WorkloadIdentity
-    ) -> external_auth_pb2.CheckResponse | bytes:
+    ) -> bytes:
         context = CheckContext(request, workload)
         http = context.http
         authn: AuthnResult | None = None
@@ -199,11 +194,9 @@ class Checker:
             authn = self.authenticator.known(workload, headers, query)
             if authn is None:
                 authn = await self.authenticator.authenticate(workload, headers, query)
-            if authn.error is not None:
-                count("unauthenticated", "RequestAuthentication")
-                return unauthenticated(authn.error)
-            if authn.identity is not None:
-                context.identity = _identity_attributes(authn.identity)
+            refused = _authenticated(context, authn)
+            if refused is not None:
+                return refused
         if self._caching:
             key = self._key(context)
             decision = self.cache.get(key)
@@ -217,10 +210,7 @@ class Checker:
             outcome = await charge(decision.charges, QuotaArgs(1, False, http.id))
             if outcome is not None:
                 decision = _charged(decision, outcome)
-        count(decision.result, decision.denied_by)
-        if not decision.allowed:
-            return denied(decision)
-        return allowed_bytes(decision, authn)
+        return _answer(decision, authn)
 
     async def _decide(self, bag: LazyBag[CheckContext], workload: WorkloadIdentity) -> Decision:
         """The decision of the policies and the check rules, with the quota charges an allowed
@@ -300,6 +290,24 @@ class Checker:
         if result.ok:
             return None
         return Decision.deny(result.status, result.message or "denied", denied_by, cacheable=False)
+
+
+def _authenticated(context: CheckContext, authn: AuthnResult) -> bytes | None:
+    """The 401 answer for a refused token; otherwise None, the identity put in the context."""
+    if authn.error is not None:
+        count("unauthenticated", "RequestAuthentication")
+        return _serialize(unauthenticated(authn.error))
+    if authn.identity is not None:
+        context.identity = _identity_attributes(authn.identity)
+    return None
+
+
+def _answer(decision: Decision, authn: AuthnResult | None) -> bytes:
+    """A decision, counted and serialized: both paths of a Check end here."""
+    count(decision.result, decision.denied_by)
+    if not decision.allowed:
+        return _serialize(denied(decision))
+    return allowed_bytes(decision, authn)
 
 
 def _charged(decision: Decision, outcome: CheckOutcome) -> Decision:

@@ -167,3 +167,27 @@ def sidecar_ingress(workload: str, port: int, app_port: int, namespace: str = "s
             defaultEndpoint: 127.0.0.1:{app_port}
         """
     )
+
+
+def workload_entry(
+    name: str,
+    address: str,
+    app: str,
+    *,
+    version: str = "v1",
+    service_account: str = "",
+    namespace: str = "shop",
+) -> str:
+    """A WorkloadEntry, which stands for a pod (kubernetesenv reads them as pods)."""
+    account = service_account or f"bookinfo-{app}"
+    return textwrap.dedent(
+        f"""\
+        apiVersion: networking.istio.io/v1beta1
+        kind: WorkloadEntry
+        metadata: {{name: {name}, namespace: {namespace}}}
+        spec:
+          address: {address}
+          labels: {{app: {app}, version: {version}}}
+          serviceAccount: {account}
+        """
+    )

@@ -31,6 +31,7 @@ from mixerhub.monitoring import ADAPTER_ERRORS
 from mixerhub.snapshot import Snapshot
 from mixerhub.store import documents
 from mixerhub.store.compile import compile_snapshot, default_config_dir
+from tests.mesh import workload_entry
 from tests.test_access_log import entry
 from tests.test_report_codegen import REPORTERS, _http_entries, _tcp_entries
 
@@ -230,23 +231,12 @@ async def test_what_depends_on_the_reporter_alone_is_computed_once_per_message(
     assert programs.program("http", REPORTERS[1]) is not program  # outbound
 
 
-WORKLOAD_ENTRIES = """
-apiVersion: networking.istio.io/v1beta1
-kind: WorkloadEntry
-metadata: {name: productpage-v1-7f9, namespace: shop}
-spec:
-  address: 10.0.0.9
-  labels: {app: productpage, version: v1}
-  serviceAccount: bookinfo-productpage
----
-apiVersion: networking.istio.io/v1beta1
-kind: WorkloadEntry
-metadata: {name: reviews-v2-5d8, namespace: shop}
-spec:
-  address: 10.0.0.1
-  labels: {app: reviews, version: v2}
-  serviceAccount: bookinfo-reviews
-"""
+WORKLOAD_ENTRIES = "---\n".join(
+    [
+        workload_entry("productpage-v1-7f9", "10.0.0.9", "productpage"),
+        workload_entry("reviews-v2-5d8", "10.0.0.1", "reviews", version="v2"),
+    ]
+)
 
 
 @pytest.mark.parametrize("reporter", REPORTERS[:2], ids=lambda r: r.kind)

@@ -22,20 +22,11 @@ from mixerhub.store import documents
 from mixerhub.store.compile import Rejected, compile_snapshot, default_config_dir
 from mixerhub.templates import MetricInstance
 from mixerhub.types import Params
+from tests.mesh import workload_entry
 from tests.test_access_log import REPORTER, entry
 
 IP = ipaddress.ip_address
 TELEMETRY = Path(__file__).parent / "data" / "istio-1.4" / "telemetry.yaml"
-
-WORKLOAD_ENTRY = """
-apiVersion: networking.istio.io/v1beta1
-kind: WorkloadEntry
-metadata: {name: productpage-v1-7f9, namespace: shop}
-spec:
-  address: %s
-  labels: {app: %s, version: v1}
-  serviceAccount: bookinfo-productpage
-"""
 
 
 class _Recorder(Handler):
@@ -67,7 +58,7 @@ def telemetry(tmp_path: Path, *entries: tuple[str, str]) -> Snapshot:
     files = [TELEMETRY]
     for i, (address, app) in enumerate(entries):
         files.append(tmp_path / f"we{i}.yaml")
-        files[-1].write_text(WORKLOAD_ENTRY % (address, app))
+        files[-1].write_text(workload_entry("productpage-v1-7f9", address, app))
     return compile_snapshot(documents.read(files), REGISTRY)
 
 
@@ -220,7 +211,9 @@ spec:
 
 def scoped(tmp_path: Path) -> Snapshot:
     (tmp_path / "c.yaml").write_text(textwrap.dedent(CONFIG))
-    (tmp_path / "we.yaml").write_text(WORKLOAD_ENTRY % ("10.0.0.9", "productpage"))
+    (tmp_path / "we.yaml").write_text(
+        workload_entry("productpage-v1-7f9", "10.0.0.9", "productpage")
+    )
     return compile_snapshot(documents.read([tmp_path]), REGISTRY)
 
 

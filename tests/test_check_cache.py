@@ -194,7 +194,11 @@ async def test_a_quota_failing_on_the_fast_lane_follows_the_failure_policy(
         def broken(*args: object) -> None:
             raise RuntimeError("memory exploded")
 
+        async def full_path(*args: object) -> bytes:
+            raise AssertionError("a cached decision left the fast lane")
+
         monkeypatch.setattr(quota, "_handle", broken)
+        monkeypatch.setattr(service, "check", full_path)  # the answer must come from the lane
         answer = await service.check_bytes(
             _check_request("/a", "r1").SerializeToString(),
             None,

@@ -72,6 +72,19 @@ def evalsha_calls(port: int) -> int:
         client.close()
 
 
+async def decide_until_on_replica(
+    b: RedisBackend, c: Charge, topology: Topology, failure: str
+) -> None:
+    """Decide until a script runs on the replica (30 s at most), which the Sentinel must by
+    then name as the master."""
+    deadline = time.monotonic() + 30
+    while evalsha_calls(topology.replica.port) == 0:
+        assert time.monotonic() < deadline, failure
+        await b.take([c])
+        await asyncio.sleep(0.05)
+    assert sentinel_master(topology.sentinel.port, SERVICE) == topology.replica.port
+
+
 async def test_decisions_go_to_the_master_the_sentinel_names(topology: Topology) -> None:
     b = RedisBackend.from_url(topology.url, timeout=1.0)
     try:
@@ -126,12 +139,7 @@ async def test_a_master_demoted_alive_is_left_for_the_promoted_replica(
             sentinel.close()
         # The Sentinel names the replica at once, but the old master, alive, runs scripts until
         # the Sentinel turns it into a replica: READONLY then drops the connection.
-        deadline = time.monotonic() + 30
-        while evalsha_calls(topology.replica.port) == 0:
-            assert time.monotonic() < deadline, "decisions never reached the promoted replica"
-            await b.take([c])
-            await asyncio.sleep(0.05)
-        assert sentinel_master(topology.sentinel.port, SERVICE) == topology.replica.port
+        await decide_until_on_replica(b, c, topology, "decisions never reached the replica")
         # The old master, now a replica, is alive: it gets no more scripts.
         on_old = evalsha_calls(topology.master.port)
         assert all([(await b.take([c]))[0].charged for _ in range(5)])
@@ -196,12 +204,7 @@ async def test_a_master_that_hangs_is_left_when_the_sentinel_switches(
         assert (await b.take([c]))[0].charged
         os.kill(topology.master.process.pid, signal.SIGSTOP)
         try:
-            deadline = time.monotonic() + 30
-            while evalsha_calls(topology.replica.port) == 0:
-                assert time.monotonic() < deadline, "decisions stayed with the hung master"
-                await b.take([c])
-                await asyncio.sleep(0.05)
-            assert sentinel_master(topology.sentinel.port, SERVICE) == topology.replica.port
+            await decide_until_on_replica(b, c, topology, "decisions stayed with the hung master")
             assert all([(await b.take([c]))[0].charged for _ in range(3)])
             assert (
                 REGISTRY.get_sample_value("mixerhub_ratelimit_redis_master_switches_total")

@@ -403,16 +403,15 @@ def _script_connection(
     if isinstance(pool, SentinelConnectionPool):
         manager, service = pool.sentinel_manager, pool.service_name
 
-        async def locate() -> tuple[str, int]:
-            assert watch is not None
-            watch.start()  # on the loop, once: before the first connection
-            host, port = await manager.discover_master(service)
-            return str(host), int(port)
-
         def switched(host: str, port: int) -> None:
             connection.drop(f"the Sentinel switched the master to {host}:{port}")
 
-        watch = SwitchMasterWatch(manager.sentinels, service, switched)
+        sentinel_watch = watch = SwitchMasterWatch(manager.sentinels, service, switched)
+
+        async def locate() -> tuple[str, int]:
+            sentinel_watch.start()  # on the loop, once: before the first connection
+            host, port = await manager.discover_master(service)
+            return str(host), int(port)
     elif cls not in (aioredis.Connection, aioredis.SSLConnection):
         return None, None  # a unix socket
     tls = None

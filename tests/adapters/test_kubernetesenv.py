@@ -17,6 +17,7 @@ from mixerhub.networking.workload_entry import WorkloadEntry
 from mixerhub.store import documents
 from mixerhub.store.compile import Rejected, compile_snapshot
 from mixerhub.templates import KubernetesInstance, KubernetesOutput
+from tests.mesh import workload_entry
 
 IP = ipaddress.ip_address
 PRODUCTPAGE = WorkloadEntry(
@@ -106,14 +107,7 @@ metadata: {name: kubeattrgenrulerule, namespace: istio-system}
 spec:
   actions: [{handler: kubernetesenv, instances: [attributes]}]
 ---
-apiVersion: networking.istio.io/v1beta1
-kind: WorkloadEntry
-metadata: {name: productpage-v1-7f9, namespace: shop}
-spec:
-  address: 10.0.0.9
-  labels: {app: productpage, version: v1}
-  serviceAccount: bookinfo-productpage
-"""
+""" + workload_entry("productpage-v1-7f9", "10.0.0.9", "productpage")
 
 
 def compile_config(tmp_path: Path, params: str = "{}") -> object:
