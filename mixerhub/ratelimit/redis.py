@@ -85,146 +85,157 @@ if ARGV[1] ~= '' then
   now = tonumber(ARGV[1])
 else
   local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  now = t[1] * 1000000 + t[2]
 end
 local n = #KEYS
-local states = {}
-local items = {}
-
-local function load(algo, key, limit, unit)
-  local s
+local floor = math.floor
+-- Redis's Lua spends more on growing a table, on a closure or a named field than on the
+-- arithmetic: every table here is made at its final size by a constructor, with fixed indexes.
+-- A counter's state (shared by the charges of one decision that name the same counter):
+--   fixed window:  {key:window, 'f', wanted, used, window end, window key is new}
+--   rolling:       {key, 'r', wanted, used, bucket, buckets, current bucket, newest, oldest}
+--   token bucket:  {key, 't', wanted, theoretical arrival time}
+-- items[i] = {state, hits, limit, unit, over, left, reset, retry}, as they were before any charge.
+local items = {unpack(KEYS)}
+local blocked = false
+for i = 1, n do
+  local b = 5 * i - 3
+  local hits, limit, unit = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+  local algo = ARGV[b + 3]
+  local key = KEYS[i]
+  local index
   if algo == 'f' then
-    local index = math.floor(now / unit)
-    local rkey = key .. ':' .. index
-    s = states[rkey]
-    if s == nil then
-      local raw = redis.call('GET', rkey)
-      -- fresh: a window's first write gives its key the expiry (no PEXPIRE on every charge)
-      s = {rkey = rkey, used = tonumber(raw or '0'), stop = (index + 1) * unit, fresh = not raw}
-    end
-  elseif algo == 'r' then
-    s = states[key]
-    if s == nil then
-      local bucket = math.floor(unit / 60 + 0.5)
+    index = floor(now / unit)
+    key = key .. ':' .. index
+  end
+  -- A counter named twice in one decision is one state (rare, and a scan costs less than a hash).
+  local s
+  for j = 1, i - 1 do
+    if items[j][1][1] == key then s = items[j][1] break end
+  end
+  if s == nil then
+    if algo == 'f' then
+      local raw = redis.call('GET', key)
+      -- new: a window's first write gives its key the expiry (no PEXPIRE on every charge)
+      s = {key, 'f', 0, tonumber(raw or '0'), (index + 1) * unit, not raw}
+    elseif algo == 'r' then
+      local bucket = floor(unit / 60 + 0.5)
       local buckets = math.ceil(unit / bucket)
-      local index = math.floor(now / bucket)
+      index = floor(now / bucket)
       local first = index - buckets + 1
       local flat = redis.call('HGETALL', key)
       local used, newest, oldest = 0, nil, nil
-      local stale = {}
+      local stale
       for j = 1, #flat, 2 do
-        local b = tonumber(flat[j])
-        if b < first then
+        local bk = tonumber(flat[j])
+        if bk < first then
+          if stale == nil then stale = {} end
           stale[#stale + 1] = flat[j]
         else
           used = used + tonumber(flat[j + 1])
-          if newest == nil or b > newest then newest = b end
-          if oldest == nil or b < oldest then oldest = b end
+          if newest == nil or bk > newest then newest = bk end
+          if oldest == nil or bk < oldest then oldest = bk end
         end
       end
-      if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
-      s = {rkey = key, used = used, bucket = bucket, buckets = buckets, index = index,
-           newest = newest, oldest = oldest}
-    end
-  else
-    s = states[key]
-    if s == nil then
+      if stale then redis.call('HDEL', key, unpack(stale)) end
+      s = {key, 'r', 0, used, bucket, buckets, index, newest, oldest}
+    else
       local tat = tonumber(redis.call('GET', key) or '0')
       if tat < now then tat = now end
-      s = {rkey = key, tat = tat}
+      s = {key, 't', 0, tat}
     end
   end
-  states[s.rkey] = s
-  return s
-end
-
-local function left(algo, s, limit, unit)
+  local left, reset, retry
   if algo == 't' then
-    if limit == 0 then return 0 end
-    local l = math.floor((now + unit - s.tat) * limit / unit + 1e-6)
-    if l < 0 then l = 0 end
-    return l
-  end
-  local l = limit - s.used
-  if l < 0 then l = 0 end
-  return l
-end
-
-local function reset(algo, s, limit, unit)
-  if algo == 'f' then return s.stop - now end
-  if algo == 'r' then
-    if s.newest == nil then return 0 end
-    return (s.newest + s.buckets) * s.bucket - now
-  end
-  if limit == 0 then return 0 end
-  return s.tat - now
-end
-
-local function retry(algo, s, limit, unit)
-  if algo == 'f' then return s.stop - now end
-  if algo == 'r' then
-    if s.oldest == nil then return unit end
-    return (s.oldest + s.buckets) * s.bucket - now
-  end
-  if limit == 0 then return unit end
-  local r = s.tat + unit / limit - unit - now
-  if r < 0 then r = 0 end
-  return r
-end
-
-local wanted = {}
-local blocked = false
-for i = 1, n do
-  local b = 2 + (i - 1) * 5
-  local it = {hits = tonumber(ARGV[b]), limit = tonumber(ARGV[b + 1]), unit = tonumber(ARGV[b + 2]),
-              algo = ARGV[b + 3], enforced = ARGV[b + 4] == '1'}
-  it.s = load(it.algo, KEYS[i], it.limit, it.unit)
-  it.left = left(it.algo, it.s, it.limit, it.unit)
-  it.reset = reset(it.algo, it.s, it.limit, it.unit)
-  if it.left == 0 then it.retry = retry(it.algo, it.s, it.limit, it.unit) else it.retry = 0 end
-  wanted[it.s.rkey] = (wanted[it.s.rkey] or 0) + it.hits
-  it.over = wanted[it.s.rkey] > it.left
-  if it.over and it.enforced then blocked = true end
-  items[i] = it
-end
-
-local out = {}
-for i = 1, n do
-  local it = items[i]
-  local s = it.s
-  if blocked or it.over then
-    out[#out + 1] = it.over and 1 or 0
-    out[#out + 1] = 0
-    out[#out + 1] = it.left
-    out[#out + 1] = math.ceil(it.reset)
-    out[#out + 1] = math.ceil(it.retry)
-  else
-    local l = left(it.algo, s, it.limit, it.unit)
-    if it.hits > 0 then
-      if it.algo == 'f' then
-        s.used = s.used + it.hits
-        redis.call('INCRBY', s.rkey, it.hits)
-        if s.fresh then
-          s.fresh = false
-          redis.call('PEXPIRE', s.rkey, math.ceil((s.stop - now) / 1000) + 1000)
-        end
-      elseif it.algo == 'r' then
-        s.used = s.used + it.hits
-        s.newest = s.index
-        if s.oldest == nil then s.oldest = s.index end
-        redis.call('HINCRBY', s.rkey, s.index, it.hits)
-        redis.call('PEXPIRE', s.rkey, math.ceil(s.buckets * s.bucket / 1000) + 1000)
-      else
-        s.tat = s.tat + it.hits * it.unit / it.limit
-        redis.call('SET', s.rkey, string.format('%.3f', s.tat),
-                   'PX', math.ceil((s.tat - now) / 1000) + 1000)
+    local tat = s[4]
+    if limit == 0 then
+      left, reset, retry = 0, 0, unit
+    else
+      left = floor((now + unit - tat) * limit / unit + 1e-6)
+      if left < 0 then left = 0 end
+      reset = tat - now
+      if left == 0 then
+        retry = tat + unit / limit - unit - now
+        if retry < 0 then retry = 0 end
       end
     end
-    out[#out + 1] = 0
-    out[#out + 1] = 1
-    out[#out + 1] = l - it.hits
-    out[#out + 1] = math.ceil(reset(it.algo, s, it.limit, it.unit))
-    out[#out + 1] = 0
+  else
+    left = limit - s[4]
+    if left < 0 then left = 0 end
+    if algo == 'f' then
+      reset = s[5] - now
+      retry = reset
+    else
+      if s[8] == nil then reset = 0 else reset = (s[8] + s[6]) * s[5] - now end
+      if s[9] == nil then retry = unit else retry = (s[9] + s[6]) * s[5] - now end
+    end
+  end
+  if left ~= 0 then retry = 0 end
+  local wanted = s[3] + hits
+  s[3] = wanted
+  local over = wanted > left
+  if over and ARGV[b + 4] == '1' then blocked = true end
+  items[i] = {s, hits, limit, unit, over, left, reset, retry}
+end
+
+local out = {unpack(ARGV)}
+out[5 * n + 1] = nil  -- the reply, at its size: five integers per key ({unpack(ARGV)} has 5n+1)
+for i = 1, n do
+  local it = items[i]
+  local s, over = it[1], it[5]
+  local o = 5 * i - 4
+  if blocked or over then
+    out[o] = over and 1 or 0
+    out[o + 1] = 0
+    out[o + 2] = it[6]
+    out[o + 3] = math.ceil(it[7])
+    out[o + 4] = math.ceil(it[8])
+  else
+    local hits, limit, unit = it[2], it[3], it[4]
+    local algo = s[2]
+    local l, reset
+    if algo == 't' then
+      local tat = s[4]
+      if limit == 0 then l = 0 else
+        l = floor((now + unit - tat) * limit / unit + 1e-6)
+        if l < 0 then l = 0 end
+      end
+      if hits > 0 then
+        tat = tat + hits * unit / limit
+        s[4] = tat
+        redis.call('SET', s[1], string.format('%.3f', tat),
+                   'PX', math.ceil((tat - now) / 1000) + 1000)
+      end
+      if limit == 0 then reset = 0 else reset = tat - now end
+    else
+      l = limit - s[4]
+      if l < 0 then l = 0 end
+      if algo == 'f' then
+        if hits > 0 then
+          s[4] = s[4] + hits
+          redis.call('INCRBY', s[1], hits)
+          if s[6] then
+            s[6] = false
+            redis.call('PEXPIRE', s[1], math.ceil((s[5] - now) / 1000) + 1000)
+          end
+        end
+        reset = s[5] - now
+      else
+        if hits > 0 then
+          s[4] = s[4] + hits
+          s[8] = s[7]
+          if s[9] == nil then s[9] = s[7] end
+          redis.call('HINCRBY', s[1], s[7], hits)
+          redis.call('PEXPIRE', s[1], math.ceil(s[6] * s[5] / 1000) + 1000)
+        end
+        if s[8] == nil then reset = 0 else reset = (s[8] + s[6]) * s[5] - now end
+      end
+    end
+    out[o] = 0
+    out[o + 1] = 1
+    out[o + 2] = l - hits
+    out[o + 3] = math.ceil(reset)
+    out[o + 4] = 0
   end
 end
 return out
