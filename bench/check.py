@@ -1,13 +1,14 @@
 """ext_authz throughput: a real Envoy calling the hub with a realistic policy, against Envoy calling
 a trivial grpc.aio Check handler, in the same run on the same machine, in alternated rounds of which
-the best of each counts.
+the best of each counts: on a shared virtual machine the same loop of Python runs up to twice as
+long from one second to the next, and the best rounds are those the neighbours left alone.
 
 The policy: a RequestAuthentication (inline JWKS; every request carries the same token, as real
 clients do), 20 AuthorizationPolicy rules, a listchecker whitelist and a memquota quota. Envoy
 (one worker) answers with a direct response, so what is measured is Envoy + the Check call.
 Load comes from wrk (`apt-get install wrk`).
 
-    python bench/check.py [--seconds 10] [--connections 32] [--rounds 3]
+    python bench/check.py [--seconds 10] [--connections 32] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install wrk")
