@@ -8,7 +8,8 @@ a message's entries instead: the attributes are its locals, computed by the snip
 uses; each rule's match and field expressions are compiled against those locals by the
 expression compiler; and whatever depends only on the reporting workload (its identity, and
 every expression over it alone: half of Istio's metric labels) is computed once per message,
-before the loop.
+before the loop. A metric's dimensions (a label set) are made once per distinct values in a
+message, and the entries that share them share one map, whose labels a handler reads once.
 
 The general path stays the reference, and the fallback: an entry on which one of a rule's
 expressions fails goes through that rule's general path, which skips and counts just the
@@ -50,6 +51,7 @@ from mixerhub.dispatcher import (
 from mixerhub.expression import typed
 from mixerhub.expression.compile import Generator, inline_code
 from mixerhub.store.mixer_kinds import Evaluator, InstanceBuilder, InstanceCode
+from mixerhub.templates import MetricInstance
 
 log = logging.getLogger("mixerhub.access_log")
 
@@ -190,6 +192,11 @@ def generate(
     exec(compiled, code.namespace)
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     return Program(code.namespace["dispatch"], tuple(routes), tuple(call_list), source, filename)
+
+
+def _label_set(cls: type[Any], field: str) -> bool:
+    """Whether a map field holds a label set: few distinct values, entry after entry."""
+    return cls is MetricInstance and field == "dimensions"
 
 
 class _Failed:
@@ -391,12 +398,19 @@ class _Code:
                     continue
                 name = local[ev] = per_rule[key] = f"v{index}_{len(per_rule)}"
                 body.append(f"{name} = {expression_code}  # {inline.source[:80]!r}")
-        construction = InstanceCode(self.namespace, local, prefix=f"m{index}_")
+        construction = InstanceCode(
+            self.namespace,
+            local,
+            prefix=f"m{index}_",
+            recurring=_label_set,
+            fixed=set(self.fixed.values()),
+        )
         built = [
             construction.instance(b.message, b.name)
             for b in builders
             if isinstance(b, InstanceBuilder)
         ]
+        self.per_message += [f"{memo} = {{}}" for memo in construction.memos]
         body += construction.prelude
         body += [f"n{index}_{i} = {code}" for i, code in enumerate(built)]
         adds = [f"add{calls[c.method]}(n{index}_{i})" for i, c in enumerate(route.calls)]

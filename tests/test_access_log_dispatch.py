@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mixerhub import registry
+from mixerhub import access_log_dispatch, registry
 from mixerhub.access_log import AccessLogService
 from mixerhub.access_log_attributes import (
     BagPlan,
@@ -77,6 +77,24 @@ metadata: {name: reviewsonly, namespace: istio-system}
 spec:
   match: destination.workload.name == "reviews"
   actions: [{handler: stdio, instances: [lenient]}]
+---
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {name: headers, namespace: istio-system}
+spec:
+  compiledTemplate: metric
+  params:
+    value: "1"
+    dimensions:
+      headers: response.headers
+      path: request.path | ""
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: headersrule, namespace: istio-system}
+spec:
+  match: context.protocol == "http"
+  actions: [{handler: stdio, instances: [headers]}]
 ---
 apiVersion: config.istio.io/v1alpha2
 kind: instance
@@ -229,6 +247,35 @@ async def test_what_depends_on_the_reporter_alone_is_computed_once_per_message(
     same_rules = dataclasses.replace(REPORTERS[0], name="ratings")
     assert programs.program("http", same_rules) is program
     assert programs.program("http", REPORTERS[1]) is not program  # outbound
+
+
+async def test_entries_with_the_same_labels_share_one_dimensions_map(
+    snapshot: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A metric's dimensions become a label set: a message's entries with the same values get
+    # the same map, built once, whose labels the Prometheus handler then reads once.
+    general_routes: list[Any] = []
+    monkeypatch.setattr(
+        access_log_dispatch,
+        "apply_route",
+        lambda route, bag, batches: general_routes.append(route.rule.name),
+    )
+    entries = [entry(), entry(path="/other"), entry(code=404), entry()]
+    (_, _, _), (_, generated, _) = both_ways(snapshot, "http", entries, REPORTERS[0])
+    metrics = [i for call in generated for batch in call for i in batch]
+    count = [i for i in metrics if i.name == "requestcount.instance.istio-system"]
+    size = [i for i in metrics if i.name == "requestsize.instance.istio-system"]
+    assert [i.dimensions["response_code"] for i in count] == [200, 200, 404, 200]
+    assert count[0].dimensions is count[1].dimensions is count[3].dimensions is size[3].dimensions
+    assert count[2].dimensions is not count[0].dimensions
+    # A map value (response.headers) cannot key a label set: built for each entry, in the
+    # generated code all the same (no entry took its rule's general path).
+    headers = [i for i in metrics if i.name == "headers.instance.istio-system"]
+    paths = [i.dimensions["path"] for i in headers]
+    assert paths == ["/api/v1?x=1", "/other", "/api/v1?x=1", "/api/v1?x=1"]
+    assert headers[0].dimensions == headers[3].dimensions
+    assert headers[0].dimensions is not headers[3].dimensions
+    assert general_routes == []
 
 
 WORKLOAD_ENTRIES = "---\n".join(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import linecache
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -450,9 +450,22 @@ class InstanceCode:
     and the instances share it: instances are read-only to handlers."""
 
     def __init__(
-        self, namespace: dict[str, Any], local: Mapping[Evaluator, str], prefix: str = "m"
+        self,
+        namespace: dict[str, Any],
+        local: Mapping[Evaluator, str],
+        prefix: str = "m",
+        recurring: Callable[[type[Any], str], bool] | None = None,
+        fixed: Collection[str] = (),
     ) -> None:
         self.namespace, self.local, self.prefix = namespace, local, prefix
+        # recurring(cls, field): whether that map field takes few distinct values from one
+        # instance to the next (a metric's dimensions, which become label sets). Such a map is
+        # looked up by its values in a dict (named in ``memos``, which the caller makes empty
+        # once per batch) rather than built every time: its handlers then see one map per
+        # label set, and work out its labels once per run of it. The locals in ``fixed`` hold
+        # the same value for the whole batch: they are left out of the key.
+        self.recurring, self.fixed = recurring, fixed
+        self.memos: list[str] = []
         self.prelude: list[str] = []
         self._classes: dict[type[Any], str] = {}
         self._maps: dict[str, str] = {}
@@ -470,7 +483,26 @@ class InstanceCode:
             shared = self._maps.get(items)
             if shared is None:
                 shared = self._maps[items] = f"{self.prefix}{len(self._maps)}"
-                self.prelude.append(f"{shared} = {items}")
+                if self.recurring is not None and self.recurring(message.cls, f):
+                    # Keyed by the values' locals: an expression has one type, so equal keys
+                    # (1 == True aside, which one expression cannot yield both of) are equal maps.
+                    distinct = dict.fromkeys(local[ev] for _, ev in entries)
+                    values = [v for v in distinct if v not in self.fixed]
+                    memo, key = f"memo_{shared}", f"key_{shared}"
+                    self.memos.append(memo)
+                    self.prelude += [
+                        f"{key} = ({', '.join(values)}{',' if len(values) == 1 else ''})",
+                        "try:",
+                        f"    {shared} = {memo}.get({key})",
+                        "except TypeError:  # a value that cannot be a key (a map): no reuse",
+                        f"    {shared} = {key} = None",
+                        f"if {shared} is None:",
+                        f"    {shared} = {items}",
+                        f"    if {key} is not None:",
+                        f"        {memo}[{key}] = {shared}",
+                    ]
+                else:
+                    self.prelude.append(f"{shared} = {items}")
             fields[f] = shared
         fields.update((f, self.instance(sub, instance_name)) for f, sub in message.messages)
         args = [repr(instance_name)] if message.named else []
