@@ -9,7 +9,8 @@ uses; each rule's match and field expressions are compiled against those locals 
 expression compiler; and whatever depends only on the reporting workload (its identity, and
 every expression over it alone: half of Istio's metric labels) is computed once per message,
 before the loop. A metric's dimensions (a label set) are made once per distinct values in a
-message, and the entries that share them share one map, whose labels a handler reads once.
+message, and the entries that share them share one map, whose labels a handler reads once per
+run of such entries.
 
 The general path stays the reference, and the fallback: an entry on which one of a rule's
 expressions fails goes through that rule's general path, which skips and counts just the

@@ -138,23 +138,28 @@ def run_proxy_status(hub: Hub) -> str:
 def sidecar_egress(workload: str, port: int, namespace: str = "shop") -> str:
     """Istio's Sidecar for ``workload``: its Envoy's egress listener on 127.0.0.1:``port``,
     reaching every service of its namespace."""
-    return textwrap.dedent(
-        f"""\
-        apiVersion: networking.istio.io/v1
-        kind: Sidecar
-        metadata: {{name: {workload}, namespace: {namespace}}}
-        spec:
-          workloadSelector: {{labels: {{app: {workload}}}}}
-          egress:
-          - port: {{number: {port}, protocol: HTTP, name: http-egress}}
-            hosts: ["./*"]
-        """
+    return _sidecar(
+        workload,
+        namespace,
+        "egress",
+        f"{{number: {port}, protocol: HTTP, name: http-egress}}",
+        'hosts: ["./*"]',
     )
 
 
 def sidecar_ingress(workload: str, port: int, app_port: int, namespace: str = "shop") -> str:
     """Istio's Sidecar for ``workload``: its Envoy's inbound listener on 127.0.0.1:``port``,
     forwarding to the application on 127.0.0.1:``app_port``."""
+    return _sidecar(
+        workload,
+        namespace,
+        "ingress",
+        f"{{number: {port}, protocol: HTTP, name: http}}",
+        f"defaultEndpoint: 127.0.0.1:{app_port}",
+    )
+
+
+def _sidecar(workload: str, namespace: str, side: str, port: str, target: str) -> str:
     return textwrap.dedent(
         f"""\
         apiVersion: networking.istio.io/v1
@@ -162,9 +167,9 @@ def sidecar_ingress(workload: str, port: int, app_port: int, namespace: str = "s
         metadata: {{name: {workload}, namespace: {namespace}}}
         spec:
           workloadSelector: {{labels: {{app: {workload}}}}}
-          ingress:
-          - port: {{number: {port}, protocol: HTTP, name: http}}
-            defaultEndpoint: 127.0.0.1:{app_port}
+          {side}:
+          - port: {port}
+            {target}
         """
     )
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,9 @@ class RedisServer:
 
     def restart(self) -> None:
         """Start again on the same port (empty: nothing is saved)."""
-        self.process = _start(self.group, self.port)
+        self.process = _start(
+            self.group, "redis", _argv(self.port), self.port, self.group.directory
+        )
 
 
 def _argv(port: int) -> list[str]:
@@ -145,25 +148,23 @@ def start_tls_redis(group: ProcessGroup, directory: Path) -> TLSRedisServer:
     """redis-server on a free port that speaks TLS only (clients need no certificate)."""
     ca, cert, key = make_ca_and_server_cert(directory)
 
-    def attempt() -> TLSRedisServer:
-        port = free_port()
-        argv = [
+    def argv(port: int) -> list[str]:
+        return [
             *_argv(0),  # --port 0: no plain TCP listener
             *("--tls-port", str(port)),
             *("--tls-cert-file", str(cert), "--tls-key-file", str(key)),
             *("--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"),
         ]
-        process = group.start("redis-tls", argv)
-        process.wait_ready(tcp_probe(LOOPBACK, port), timeout=10.0)
-        return TLSRedisServer(process, port, ca)
 
-    return _retry_port_clash(attempt)
+    process, port = _start_on_free_port(group, "redis-tls", argv)
+    return TLSRedisServer(process, port, ca)
 
 
-def _start(group: ProcessGroup, port: int) -> ManagedProcess:
-    # A master writes an RDB for a replica's full sync, --save "" or not: into the test's
-    # directory (its cwd), not the one pytest runs in.
-    process = group.start("redis", _argv(port), cwd=group.directory)
+def _start(
+    group: ProcessGroup, name: str, argv: list[str], port: int, cwd: Path | None = None
+) -> ManagedProcess:
+    """``argv`` started as ``name``, once it accepts connections on ``port``."""
+    process = group.start(name, argv, cwd=cwd)
     try:
         process.wait_ready(tcp_probe(LOOPBACK, port), timeout=10.0)
     except ProcessError:
@@ -172,16 +173,27 @@ def _start(group: ProcessGroup, port: int) -> ManagedProcess:
     return process
 
 
-def start_redis(group: ProcessGroup) -> RedisServer:
-    """redis-server on a free port, registered in ``group`` so it is stopped with the test."""
+def _start_on_free_port(
+    group: ProcessGroup, name: str, argv: Callable[[int], list[str]], cwd: Path | None = None
+) -> tuple[ManagedProcess, int]:
+    """``argv(port)`` started as ``name`` on a free port (never Redis's default one), and on
+    another when that one was taken meanwhile."""
 
-    def attempt() -> RedisServer:
+    def attempt() -> tuple[ManagedProcess, int]:
         port = free_port()
         if port == 6379:
             raise ProcessError("address already in use: refusing Redis's default port")
-        return RedisServer(group, port, _start(group, port))
+        return _start(group, name, argv(port), port, cwd), port
 
     return _retry_port_clash(attempt)
+
+
+def start_redis(group: ProcessGroup) -> RedisServer:
+    """redis-server on a free port, registered in ``group`` so it is stopped with the test."""
+    # A master writes an RDB for a replica's full sync, --save "" or not: into the test's
+    # directory (its cwd), not the one pytest runs in.
+    process, port = _start_on_free_port(group, "redis", _argv, group.directory)
+    return RedisServer(group, port, process)
 
 
 def _cluster_argv(port: int, directory: Path) -> list[str]:
@@ -197,13 +209,10 @@ def _cluster_argv(port: int, directory: Path) -> list[str]:
 
 
 def _start_cluster_process(group: ProcessGroup, directory: Path) -> RedisServer:
-    def attempt() -> RedisServer:
-        port = free_port()
-        process = group.start("redis-cluster", _cluster_argv(port, directory), cwd=directory)
-        process.wait_ready(tcp_probe(LOOPBACK, port), timeout=10.0)
-        return RedisServer(group, port, process)
-
-    return _retry_port_clash(attempt)
+    process, port = _start_on_free_port(
+        group, "redis-cluster", lambda port: _cluster_argv(port, directory), directory
+    )
+    return RedisServer(group, port, process)
 
 
 def _cluster_ok(port: int, nodes: int) -> bool:
@@ -276,19 +285,16 @@ def _info(port: int, section: str) -> dict[str, Any]:
 def start_replica(group: ProcessGroup, master: RedisServer) -> RedisServer:
     """A replica of ``master`` on a free port, ready once its link to the master is up."""
 
-    def attempt() -> RedisServer:
-        port = free_port()
+    def argv(port: int) -> list[str]:
         # A replica writes the snapshot of its first sync to its --dir: the test's, not the cwd.
-        argv = [
+        return [
             *_argv(port),
             *("--replicaof", LOOPBACK, str(master.port)),
             *("--dir", str(group.directory)),
         ]
-        process = group.start("redis-replica", argv)
-        process.wait_ready(tcp_probe(LOOPBACK, port), timeout=10.0)
-        return RedisServer(group, port, process)
 
-    replica = _retry_port_clash(attempt)
+    process, port = _start_on_free_port(group, "redis-replica", argv)
+    replica = RedisServer(group, port, process)
     replica.process.wait_ready(
         lambda: _info(replica.port, "replication").get("master_link_status") == "up",
         timeout=10.0,
@@ -307,8 +313,7 @@ def start_sentinel(
     """A Sentinel on a free port monitoring ``master`` as ``service`` (quorum 1), quick to fail
     over (the master is down after 500 ms); ready once it knows ``replicas`` replicas."""
 
-    def attempt() -> RedisServer:
-        port = free_port()
+    def argv(port: int) -> list[str]:
         config = directory / f"sentinel-{port}.conf"
         config.write_text(
             f"port {port}\nbind {LOOPBACK}\ndaemonize no\n"
@@ -316,11 +321,10 @@ def start_sentinel(
             f"sentinel down-after-milliseconds {service} 500\n"
             f"sentinel failover-timeout {service} 5000\n"
         )
-        process = group.start("redis-sentinel", [REDIS_SERVER, str(config), "--sentinel"])
-        process.wait_ready(tcp_probe(LOOPBACK, port), timeout=10.0)
-        return RedisServer(group, port, process)
+        return [REDIS_SERVER, str(config), "--sentinel"]
 
-    sentinel = _retry_port_clash(attempt)
+    process, port = _start_on_free_port(group, "redis-sentinel", argv)
+    sentinel = RedisServer(group, port, process)
     if replicas:
         # Sentinel finds replicas in the master's INFO, which it reads every few seconds.
         sentinel.process.wait_ready(
