@@ -1,8 +1,9 @@
 """Rate limits: ShouldRateLimit through the hub with Redis (three descriptors per request) against
 a trivial grpc.aio handler, in the same run on the same machine, driven by the same gRPC load
 generator (a separate process of concurrent clients), in alternated rounds of which the best of
-each counts. Prints both throughputs and latency percentiles, each server's CPU per call (from
-/proc), and the Redis commands per decision read from Redis's own INFO commandstats.
+each counts. Prints both throughputs and latency percentiles, the latencies again at a third of
+that load (where the hub's waits to batch its writes to Redis would show), each server's CPU per
+call (from /proc), and the Redis commands per decision read from Redis's own INFO commandstats.
 
     python bench/quota.py [--seconds 5] [--rounds 3] [--concurrency 64] [--memory]
 """
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from random import Random
 
 # Run as a script, bench/ is first on the import path, where xds.py would shadow xds-protos'
 # `xds` package: the repository root takes its place.
@@ -75,6 +77,30 @@ async def load(port: int, seconds: float, concurrency: int) -> tuple[int, list[f
     return len(latencies), latencies
 
 
+async def paced(port: int, seconds: float, rate: float, concurrency: int) -> list[float]:
+    """Latencies of calls at ``rate`` per second (Poisson arrivals over ``concurrency``
+    clients), as a lightly loaded hub sees them."""
+    latencies: list[float] = []
+    random = Random(1)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        start = time.monotonic()
+        mean_gap = concurrency / rate
+
+        async def worker(n: int) -> None:
+            i, at = n, start + random.expovariate(1 / mean_gap)
+            while at < start + seconds:
+                await asyncio.sleep(at - time.monotonic())
+                started = time.perf_counter()
+                await stub.ShouldRateLimit(request(i), timeout=5)
+                latencies.append(time.perf_counter() - started)
+                i += concurrency
+                at = max(at + random.expovariate(1 / mean_gap), time.monotonic())
+
+        await asyncio.gather(*(worker(n) for n in range(concurrency)))
+    return sorted(latencies)
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU the process has used (/proc/PID/stat, fields 14 and 15)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -103,7 +129,7 @@ def measure(port: int, seconds: float, concurrency: int, pid: int) -> dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5, help="per round and server")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument(
         "--memory", action="store_true", help="the hub counts in memory (to tell Redis's share)"
@@ -130,13 +156,23 @@ def main() -> None:
         # Alternated, and the best round of each kept: the neighbours' load comes and goes.
         rounds: list[tuple[dict[str, float], dict[str, float]]] = []
         redis_cpu = 0.0  # redis-server's, over the hub's rounds: it shares the machine
+        reads = 0  # the hub's writes, as Redis reads them
         for _ in range(args.rounds):
             before = cpu_seconds(server.process.pid)
+            reads -= client.info("stats")["total_reads_processed"]
             ours = measure(hub.grpc_port, args.seconds, args.concurrency, hub.process.pid)
+            reads += client.info("stats")["total_reads_processed"]
             redis_cpu += cpu_seconds(server.process.pid) - before
             rounds.append((ours, measure(base_port, args.seconds, args.concurrency, trivial.pid)))
         stats = client.info("commandstats")
         client.close()
+        # Light load: a third of the trivial handler's best, where nothing queues and a write
+        # waiting for company would show as latency.
+        light = max(r[1]["rps"] for r in rounds) / 3
+        light_latencies = [
+            uvloop.run(paced(port, args.seconds, light, args.concurrency))
+            for port in (hub.grpc_port, base_port)
+        ]
     ours = max((r[0] for r in rounds), key=lambda r: r["rps"])
     base = max((r[1] for r in rounds), key=lambda r: r["rps"])
     for i, (h, b) in enumerate(rounds):
@@ -156,12 +192,18 @@ def main() -> None:
     print(
         f"ratio: mixerhub keeps {ours['rps'] / base['rps']:.0%} of the trivial handler's throughput"
     )
+    print(f"at a third of that load ({light:.0f} calls/s, Poisson arrivals):")
+    for name, lat in zip((hub_name, "trivial grpc.aio handler"), light_latencies, strict=True):
+        p50, p90, p99 = (lat[int(len(lat) * q)] * 1000 for q in (0.5, 0.9, 0.99))
+        print(f"  {name:32} p50 {p50:.2f} ms, p90 {p90:.2f} ms, p99 {p99:.2f} ms")
     print(f"CPU per call: the hub spends {ours['cpu_us'] / base['cpu_us']:.2f}x the trivial"
           f" handler's ({ours['cpu_us'] - base['cpu_us']:.0f} µs more)")  # fmt: skip
     if not args.memory:
         script = stats.get("cmdstat_evalsha", {}).get("usec_per_call", 0.0)
         print(f"redis-server's own CPU per decision: {redis_cpu / decisions * 1e6:.0f} µs"
               f" (the script itself: {script:.0f} µs, by INFO commandstats)")  # fmt: skip
+        print(f"decisions per read by Redis: {decisions / max(reads, 1):.2f}"
+              " (the hub's writes wait up to --ratelimit-redis-batch-wait under load)")
     per = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
     print(f"Redis commandstats over the measured run ({decisions:.0f} decisions): {per}")
     print("  (the commands a script runs count too: TIME, GET, INCRBY... inside each EVALSHA)")

@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds a rate-limit decision waits for Redis (Envoy waits 0.02)",
     )
     serve.add_argument(
+        "--ratelimit-redis-batch-wait",
+        type=float,
+        default=0.002,
+        help="under load, seconds a decision's write to Redis may wait for others to share it"
+        " (0: never)",
+    )
+    serve.add_argument(
         "--push-debounce",
         type=float,
         default=0.1,
@@ -181,6 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
         ratelimit_redis=args.ratelimit_redis,
         ratelimit_redis_failure=args.ratelimit_redis_failure,
         ratelimit_redis_timeout=args.ratelimit_redis_timeout,
+        ratelimit_redis_batch_wait=args.ratelimit_redis_batch_wait,
         push_debounce=args.push_debounce,
         push_max_delay=args.push_max_delay,
         ca=ca,

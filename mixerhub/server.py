@@ -71,6 +71,8 @@ class ServeOptions:
     ratelimit_redis: str | None = None
     ratelimit_redis_failure: str = "allow"
     ratelimit_redis_timeout: float = 0.015
+    # Under load, how long a decision's write to Redis may wait to share it with others.
+    ratelimit_redis_batch_wait: float = 0.002
     # istiod's debounce: a push waits for this much quiet after a change, at most push_max_delay.
     push_debounce: float = 0.1
     push_max_delay: float = 10.0
@@ -218,6 +220,7 @@ def rate_limit_backend(options: ServeOptions) -> Backend | None:
         options.ratelimit_redis,
         timeout=options.ratelimit_redis_timeout,
         failure="deny" if options.ratelimit_redis_failure == "deny" else "allow",
+        batch_wait=options.ratelimit_redis_batch_wait,
     )
 
 

@@ -481,6 +481,54 @@ def test_redis_killed_under_load_then_restarted(
     call.channel.close()
 
 
+async def _hammer(hub: Hub, keys: list[str], concurrency: int = 64) -> list[int]:
+    """One decision per key, ``concurrency`` at a time, as Envoy's workers call under load."""
+    codes: list[int] = []
+    async with grpc.aio.insecure_channel(f"{hub.host}:{hub.grpc_port}") as channel:
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+
+        async def worker(mine: list[str]) -> None:
+            for key in mine:
+                answer = await stub.ShouldRateLimit(_request(key), timeout=5)
+                codes.append(int(answer.overall_code))
+
+        await asyncio.gather(*(worker(keys[n::concurrency]) for n in range(concurrency)))
+    return codes
+
+
+@pytest.mark.parametrize("batch_wait", ["0.005", "0"])
+async def test_a_loaded_hub_batches_its_writes_and_counts_every_hit_once(
+    tmp_path: Path, processes: ProcessGroup, make_hub: HubFactory, batch_wait: str
+) -> None:
+    server = start_redis(processes)
+    hub = make_hub(
+        _config(tmp_path),
+        extra_args=[
+            *("--ratelimit-redis", server.url, "--ratelimit-redis-timeout", "0.5"),
+            *("--ratelimit-redis-batch-wait", batch_wait),
+        ],
+    )
+    # Enough load for the hub's loop to be busy; then every one of 100 clients at its limit.
+    assert set(await _hammer(hub, [f"warm-{i}" for i in range(600)])) == {OK}
+    keys = [f"client-{i % 100}" for i in range(100 * LIMIT)]
+    assert set(await _hammer(hub, keys)) == {OK}
+    assert set(await _hammer(hub, [f"client-{i}" for i in range(100)])) == {OVER}
+    text = hub.get("/metrics").body.decode()
+    writes = {
+        batch: float(v)
+        for batch, v in re.findall(
+            r'^mixerhub_ratelimit_redis_writes_total\{batch="(\w+)"\} (\S+)$', text, re.M
+        )
+    }
+    decisions = 600 + 100 * LIMIT + 100
+    assert 0 < writes["at_once"] + writes["waited"] <= decisions
+    if batch_wait == "0":
+        assert writes["waited"] == 0
+    else:
+        assert writes["waited"] > 0, writes
+        assert writes["at_once"] + writes["waited"] < decisions / 2, writes
+
+
 # --- Redis Cluster and Sentinel ---
 
 

@@ -48,7 +48,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
-from mixerhub.monitoring import REGISTRY
+from mixerhub.monitoring import REGISTRY, LoopCounter
 from mixerhub.ratelimit.backend import Charge, Outcome
 from mixerhub.ratelimit.resp import RedisReplyError, ScriptConnection, bulk
 from mixerhub.ratelimit.sentinel import SwitchMasterWatch
@@ -58,6 +58,8 @@ log = logging.getLogger("mixerhub.ratelimit.redis")
 FailurePolicy = Literal["allow", "deny"]
 DEFAULT_TIMEOUT = 0.015
 DEFAULT_BACKOFF = 0.05
+# Under load, how long a decision's write to Redis may wait for others to share it (resp.py).
+DEFAULT_BATCH_WAIT = 0.002
 _US = 1_000_000
 _MAX_CACHED = 100_000
 _CONNECT_TIMEOUT = 1.0
@@ -66,6 +68,13 @@ FAILURES = Counter(
     "mixerhub_ratelimit_redis_failures",
     "Rate-limit decisions whose Redis call failed or timed out.",
     ["reason"],
+    registry=REGISTRY,
+)
+WRITES = LoopCounter(
+    "mixerhub_ratelimit_redis_writes",
+    "Writes of decisions to Redis over the hub's script connection: made at once, or after"
+    " waiting for others to share them (under load).",
+    ["batch"],
     registry=REGISTRY,
 )
 WITHOUT_REDIS = Counter(
@@ -400,7 +409,7 @@ def _hosts(
 
 
 def _script_connection(
-    client: Client, timeout: float
+    client: Client, timeout: float, batch_wait: float
 ) -> tuple[ScriptConnection | None, SwitchMasterWatch | None]:
     """A ScriptConnection to the server ``client`` talks to, when that is one server or a
     Sentinel's master, over TCP or TLS (None for a Cluster or a unix socket); for a Sentinel's
@@ -442,6 +451,9 @@ def _script_connection(
         on_connect=(("SCRIPT", "LOAD", SCRIPT),),
         tls=tls,
         locate=locate,
+        batch_wait=batch_wait,
+        writes_at_once=WRITES.labels("at_once"),
+        writes_waited=WRITES.labels("waited"),
     )
     return connection, watch
 
@@ -460,6 +472,7 @@ class RedisBackend:
         prefix: str = "mixerhub:rl",
         clock: Any = time.monotonic,
         also_close: Sequence[aioredis.Redis] = (),
+        batch_wait: float = DEFAULT_BATCH_WAIT,
     ) -> None:
         if failure not in ("allow", "deny"):
             raise ValueError(f"failure policy must be allow or deny, got {failure!r}")
@@ -471,8 +484,9 @@ class RedisBackend:
         self.prefix = prefix
         self._clock = clock
         # One server or a Sentinel's master, over TCP or TLS: the script runs over a connection
-        # of our own (resp.py), pipelined. A Cluster keeps redis-py, one call per decision.
-        self._script, self._watch = _script_connection(client, timeout)
+        # of our own (resp.py), pipelined, and under load batched for up to ``batch_wait``
+        # seconds. A Cluster keeps redis-py, one call per decision.
+        self._script, self._watch = _script_connection(client, timeout, batch_wait)
         self._loaded = False
         self._down_until = 0.0
         # Redis key -> monotonic time until which nothing fits (enforced keys only).
@@ -486,9 +500,12 @@ class RedisBackend:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         failure: FailurePolicy = "allow",
+        batch_wait: float = DEFAULT_BATCH_WAIT,
     ) -> RedisBackend:
         client, others = connect(url, timeout)
-        return cls(client, timeout=timeout, failure=failure, also_close=others)
+        return cls(
+            client, timeout=timeout, failure=failure, also_close=others, batch_wait=batch_wait
+        )
 
     async def aclose(self) -> None:
         if self._watch is not None:

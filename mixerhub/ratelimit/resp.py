@@ -11,6 +11,17 @@ hiredis straight from the transport's data_received (an asyncio Protocol: no rea
 stream buffer). A caller may build its command's RESP bytes itself (``send``) from pieces it
 keeps encoded.
 
+Under load a write may also wait a little for company (``batch_wait``, as Kafka's linger.ms):
+each write and each read costs both processes a system call, a wakeup and a trip through the
+loopback TCP stack, which on a small machine weigh more than a decision's own work. The waits
+adapt: only while the loop's thread is busy (running or waiting to run 75% of the time) and
+commands arrive more often than one per ``batch_wait`` (a moving average) does the first of a
+batch wait, at most ``batch_wait`` (its wait for replies in flight included); a batch of
+``batch_size`` goes at once. Idle or lightly loaded, every command goes at the end of the loop's
+turn, as before: there a wait would add latency and save CPU nothing needs. When the waits
+gather next to nothing (a caller that sends one command at a time and waits for each), they stop
+for the next ``_PROBE_AFTER`` batches, so such a caller pays for them only now and then.
+
 It serves every single-master setup: plain TCP, TLS (``tls``: an SSLContext) and a Sentinel's
 master (``locate`` asks the sentinels where it is before every connection; a connection to a
 server that is not, or no longer, a master is dropped, so a failover is followed). A lost
@@ -26,11 +37,16 @@ import asyncio
 import collections
 import functools
 import math
+import os
 import ssl
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hiredis
+
+from mixerhub.monitoring import Count
 
 
 class RedisReplyError(Exception):
@@ -53,6 +69,32 @@ def bulk(part: str | int | bytes) -> bytes:
 
 Address = tuple[str, int]
 
+# The moving average of the time between commands gives each new gap this weight.
+_GAP_WEIGHT = 0.125
+# After waits that gathered next to nothing, this many batches go without waiting.
+_PROBE_AFTER = 16
+# Writes wait for company only while the loop's thread is this busy (see _demand), measured
+# over _BUSY_WINDOW seconds: below it, a wait adds latency and saves CPU that nothing needs.
+_BUSY = 0.75
+_BUSY_WINDOW = 0.05
+_schedstat = threading.local()
+
+
+def _demand() -> float:
+    """Seconds the calling thread has run or waited to run: /proc's schedstat (run and run-queue
+    time). CPU time alone would read a saturated loop that gets half a core (a Kubernetes limit
+    of 500m, a busy neighbour) as half busy. Without /proc, the thread's CPU time."""
+    fd = getattr(_schedstat, "fd", None)
+    if fd is None:
+        try:
+            fd = _schedstat.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            fd = _schedstat.fd = -1
+    if fd < 0:
+        return time.thread_time()
+    run, wait, _ = os.pread(fd, 128, 0).split()
+    return (int(run) + int(wait)) / 1e9
+
 
 class ScriptConnection:
     def __init__(
@@ -67,6 +109,10 @@ class ScriptConnection:
         on_connect: tuple[tuple[str | int | bytes, ...], ...] = (),
         tls: ssl.SSLContext | None = None,
         locate: Callable[[], Awaitable[Address]] | None = None,
+        batch_wait: float = 0.0,
+        batch_size: int = 32,
+        writes_at_once: Count | None = None,
+        writes_waited: Count | None = None,
     ) -> None:
         self.host, self.port, self.db = host, port, db
         self.username, self.password = username, password
@@ -87,6 +133,22 @@ class ScriptConnection:
         self._expiry_at = math.inf
         self._connecting: asyncio.Task[None] | None = None
         self._out: list[bytes] = []  # commands not written yet, in order
+        # Seconds the first command of a batch may wait for others (0: none), and the batch
+        # that goes without waiting longer.
+        self.batch_wait = batch_wait
+        self.batch_size = batch_size
+        self._gap = math.inf  # moving average of the time between two commands
+        self._last = -math.inf  # when the last command was queued (loop time)
+        self._first_at = 0.0  # when the first command not written yet was queued
+        self._lingering: asyncio.TimerHandle | None = None  # the waiting batch's timer
+        # Writes to Redis made at once, and those that waited for company.
+        self.writes_at_once = writes_at_once if writes_at_once is not None else Count()
+        self.writes_waited = writes_waited if writes_waited is not None else Count()
+        self._plain = 0  # batches left to write without waiting (see _PROBE_AFTER)
+        self._gathered = 2.0  # moving average of the commands a wait gathered
+        self._busy = 0.0  # the loop thread's demand (_demand) over wall time, last window
+        self._window_at = -math.inf  # when the window began (loop time), and _demand() then
+        self._window_used = 0.0
 
     @property
     def connected(self) -> bool:
@@ -116,21 +178,61 @@ class ScriptConnection:
             raise ConnectionError("not connected to Redis")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        deadline = math.inf if timeout is None else loop.time() + timeout
+        now = loop.time()
+        deadline = math.inf if timeout is None else now + timeout
         if deadline < self._expiry_at:
             self._arm(loop, deadline)
+        gap = now - self._last
+        self._last = now
+        self._gap = gap if self._gap == math.inf else self._gap + (gap - self._gap) * _GAP_WEIGHT
+        if now - self._window_at >= _BUSY_WINDOW:
+            used = _demand()
+            self._busy = (used - self._window_used) / (now - self._window_at)
+            self._window_at, self._window_used = now, used
         self._waiting.append((future, deadline))
-        if not self._out and len(self._waiting) == 1:
-            # Nothing in flight: written at the end of this turn of the loop. Otherwise the
-            # commands wait for the replies in flight and go together (see _received).
-            loop.call_soon(self._flush)
-        self._out.append(resp)
+        out = self._out
+        out.append(resp)
+        if len(out) == 1:
+            self._first_at = now
+            if len(self._waiting) == 1:  # nothing in flight
+                self._write_soon(loop, now)
+        elif len(out) >= self.batch_size and self._lingering is not None:
+            self._flush()
+        # Otherwise the commands wait for the replies in flight and go together (_received),
+        # or for the batch's time (_write_soon).
         return future
 
+    def _write_soon(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        """Write the queued commands at the end of this turn of the loop (with any others made
+        in it), or, on a busy process with commands coming often enough for others to join
+        them, once the first has waited batch_wait (its wait for replies in flight counts)."""
+        linger = 0 < self._gap <= self.batch_wait and self._busy >= _BUSY
+        if linger and not self._plain:
+            at = self._first_at + self.batch_wait
+            if at > now:
+                self._lingering = loop.call_at(at, self._flush_lingered)
+                return
+        else:
+            self._plain = max(0, self._plain - 1)
+        loop.call_soon(self._flush)
+
     def _flush(self) -> None:
+        waited = self._lingering
+        if waited is not None:
+            waited.cancel()
+            self._lingering = None
         out, self._out = self._out, []
         if self._transport is not None and out:
             self._transport.write(b"".join(out))
+            (self.writes_at_once if waited is None else self.writes_waited).value += 1
+
+    def _flush_lingered(self) -> None:
+        gathered = self._gathered = self._gathered + (len(self._out) - self._gathered) * 0.25
+        if gathered < 1.5:
+            # Waiting gathers next to nothing: the callers are few, whatever their pace.
+            self._plain = _PROBE_AFTER
+            self._gathered = 1.6  # one wait alone, after the pause, pauses again
+        self._flush()
 
     def _connection(self) -> asyncio.Task[None]:
         """The task connecting, started when none is (one, however many calls wait on it)."""
@@ -219,8 +321,9 @@ class ScriptConnection:
             else:
                 future.set_result(reply)
         if self._out and len(waiting) == len(self._out):
-            # The batch in flight is answered: the commands queued meanwhile go in one write.
-            self._flush()
+            # The batch in flight is answered: the commands queued meanwhile go together.
+            loop = asyncio.get_running_loop()
+            self._write_soon(loop, loop.time())
 
     def drop(self, reason: str) -> None:
         """Close the connection (its calls in flight fail with ``reason``): the next call
@@ -232,6 +335,9 @@ class ScriptConnection:
         if transport is not None:
             transport.close()
         self._out = []
+        if self._lingering is not None:
+            self._lingering.cancel()
+            self._lingering = None
         waiting, self._waiting = self._waiting, collections.deque()
         if self._expiry is not None:
             self._expiry.cancel()
