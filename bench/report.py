@@ -2,8 +2,9 @@
 at the hub running the default configuration, against the same Envoy pointed at a trivial
 access-log server that only parses, in the same run on the same machine.
 
-Prints Envoy's request rate in both, the hub's CPU time per entry (from /proc), and Envoy's
-logs_dropped. Load comes from wrk (`apt-get install wrk`).
+Prints Envoy's request rate in both, the hub's CPU time per entry (from /proc) against Envoy's
+own CPU time per request in the same seconds, and Envoy's logs_dropped. Load comes from wrk
+(`apt-get install wrk`).
 
     python bench/report.py [--seconds 10] [--connections 32] [--config DIR]
 """
@@ -57,14 +58,16 @@ def envoy_config(logs: tuple[str, int], listen: int, admin: int) -> dict[str, An
 
 def start_envoy(
     group: ProcessGroup, logs: tuple[str, int], work: Path, name: str
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
+    """Envoy's listener and admin ports, and its pid."""
     listen, admin = free_port(), free_port()
     path = work / f"envoy-{name}.yaml"
     path.write_text(yaml.safe_dump(envoy_config(logs, listen, admin)))
     argv = [sibling_executable("envoy"), "-c", str(path), "--concurrency", "1", "--base-id",
             str(next_base_id()), "--disable-hot-restart", "--log-level", "warn"]  # fmt: skip
-    group.start(f"envoy-{name}", argv).wait_ready(envoy_ready_probe(admin), 30)
-    return listen, admin
+    envoy = group.start(f"envoy-{name}", argv)
+    envoy.wait_ready(envoy_ready_probe(admin), 30)
+    return listen, admin, envoy.pid
 
 
 def cpu_seconds(pid: int) -> float:
@@ -98,16 +101,18 @@ def main() -> None:
         group.start("trivial", [*baseline, "--port", str(base_port)]).wait_ready(
             tcp_probe("127.0.0.1", base_port), 30
         )
-        hub_listen, hub_admin = start_envoy(group, hub.grpc_address, work, "hub")
-        base_listen, base_admin = start_envoy(group, ("127.0.0.1", base_port), work, "trivial")
+        hub_listen, hub_admin, envoy = start_envoy(group, hub.grpc_address, work, "hub")
+        base_listen, base_admin, _ = start_envoy(group, ("127.0.0.1", base_port), work, "trivial")
         wrk(hub_listen, "x", 2, args.connections)
         wrk(base_listen, "x", 2, args.connections)
 
         entries_before = stat(hub_admin, written)
         cpu_before = cpu_seconds(hub.process.pid)
+        envoy_before = cpu_seconds(envoy)
         ours = wrk(hub_listen, "x", args.seconds, args.connections)
         time.sleep(2)  # the last buffered entries flush after 1 s
         cpu = cpu_seconds(hub.process.pid) - cpu_before
+        envoy_cpu = cpu_seconds(envoy) - envoy_before
         entries = stat(hub_admin, written) - entries_before
         base = wrk(base_listen, "x", args.seconds, args.connections)
         hub_dropped, base_dropped = stat(hub_admin, dropped), stat(base_admin, dropped)
@@ -120,6 +125,11 @@ def main() -> None:
     per_entry = cpu / entries * 1e6 if entries else float("nan")
     print(f"hub CPU: {cpu:.2f}s for {entries} entries = {per_entry:.1f} us per entry"
           f" = one core keeps up with {1e6 / per_entry:,.0f} entries/s")  # fmt: skip
+    # Side by side in the same seconds, so that the machine's changing speed weighs on both.
+    envoy_per_request = envoy_cpu / entries * 1e6 if entries else float("nan")
+    print(f"Envoy's CPU in the same run: {envoy_per_request:.1f} us per request (1 worker):"
+          f" the hub spends {per_entry / envoy_per_request:.2f}x what Envoy spends per"
+          " request (at most 1: one hub core keeps up with one Envoy worker)")  # fmt: skip
     print("(Mixer in Istio 1.4: 0.6 vCPU per 1,000 requests/s = 600 us per request)")
 
 
