@@ -278,6 +278,29 @@ async def test_entries_with_the_same_labels_share_one_dimensions_map(
     assert general_routes == []
 
 
+@pytest.mark.parametrize("kind", ["http", "tcp"])
+async def test_a_large_map_is_copied_from_its_template_in_its_own_order(
+    snapshot: Snapshot, kind: str
+) -> None:
+    # Istio's access log has 39 variables: made from a template once per message, a copy per
+    # entry. What the stdio handler writes depends on their order, not just their values.
+    entries: list[Any] = _http_entries() if kind == "http" else _tcp_entries()
+    reporter = REPORTERS[0]
+    (_, general, _), (_, generated, programs) = both_ways(snapshot, kind, entries, reporter)
+    logs = [
+        [i for call in calls for batch in call for i in batch if hasattr(i, "variables")]
+        for calls in (general, generated)
+    ]
+    assert len(logs[1]) == len(logs[0]) > 0
+    for made, expected in zip(logs[1], logs[0], strict=True):
+        assert list(made.variables.items()) == list(expected.variables.items())
+    variables = [i.variables for i in logs[1]]
+    assert len({id(v) for v in variables}) == len(variables)  # one map per entry
+    program = programs.program(kind, reporter)
+    assert program is not None
+    assert "= tpl_m" in program.source
+
+
 WORKLOAD_ENTRIES = "---\n".join(
     [
         workload_entry("productpage-v1-7f9", "10.0.0.9", "productpage"),

@@ -456,6 +456,7 @@ class InstanceCode:
         prefix: str = "m",
         recurring: Callable[[type[Any], str], bool] | None = None,
         fixed: Collection[str] = (),
+        templates: bool = False,
     ) -> None:
         self.namespace, self.local, self.prefix = namespace, local, prefix
         # recurring(cls, field): whether that map field takes few distinct values from one
@@ -466,6 +467,11 @@ class InstanceCode:
         # the same value for the whole batch: they are left out of the key.
         self.recurring, self.fixed = recurring, fixed
         self.memos: list[str] = []
+        # With ``templates`` (code run once per batch before the prelude, as the memos are): a
+        # large map is copied from a template made once per batch, holding the ``fixed`` values,
+        # and only its other values are stored (lines in ``templates``, for the caller to run).
+        self.use_templates = templates
+        self.templates: list[str] = []
         self.prelude: list[str] = []
         self._classes: dict[type[Any], str] = {}
         self._maps: dict[str, str] = {}
@@ -502,12 +508,34 @@ class InstanceCode:
                         f"        {memo}[{key}] = {shared}",
                     ]
                 else:
-                    self.prelude.append(f"{shared} = {items}")
+                    self.prelude += self._map(shared, [(k, local[ev]) for k, ev in entries])
             fields[f] = shared
         fields.update((f, self.instance(sub, instance_name)) for f, sub in message.messages)
         args = [repr(instance_name)] if message.named else []
         args += _arguments(message.cls, fields, skip=1 if message.named else 0)
         return f"{cls}({', '.join(args)})"
+
+    def _map(self, name: str, items: Sequence[tuple[str, str]]) -> list[str]:
+        """Lines making map ``name`` from its (key, local) items."""
+        display = "{" + ", ".join(f"{k!r}: {v}" for k, v in items) + "}"
+        keys = {k for k, _ in items}
+        if not self.use_templates or len(items) <= _DISPLAY_CHUNK or len(keys) < len(items):
+            return [f"{name} = {display}"]
+        # Python builds a display of more than _DISPLAY_CHUNK items in chunks merged one into
+        # the next, resizing as it goes (an Istio access log's 39 variables cost about 10,000
+        # instructions that way); a copy of a dict is one block copy, and a store into a key
+        # it has does not resize.
+        template = f"tpl_{name}"
+        fixed = self.fixed
+        values = ", ".join(f"{k!r}: {v if v in fixed else 'None'}" for k, v in items)
+        self.templates.append(f"{template} = {{{values}}}")
+        stores = [f"{name}[{k!r}] = {v}" for k, v in items if v not in fixed]
+        return [f"{name} = {template}.copy()", *stores]
+
+
+# How many items CPython 3.11 puts in one dict display's build before it merges (its compiler's
+# STACK_USE_GUIDELINE of 30 stack slots, two a pair).
+_DISPLAY_CHUNK = 15
 
 
 def _arguments(cls: type[Any], fields: Mapping[str, str], skip: int) -> list[str]:
