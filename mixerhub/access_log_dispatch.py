@@ -405,7 +405,7 @@ class _Code:
             prefix=f"m{index}_",
             recurring=_label_set,
             fixed=set(self.fixed.values()),
-            templates=True,
+            batched=True,
         )
         built = [
             construction.instance(b.message, b.name)
