@@ -175,6 +175,10 @@ LOCALS: Mapping[str, Snippet] = {
     "common": Snippet("entry.common_properties"),
     "request": Snippet("entry.request"),
     "request_headers": Snippet("request.request_headers", ("request",)),
+    # Fields read by more than one attribute, each read once (a read makes a new Python object).
+    "authority": Snippet("request.authority", ("request",)),
+    "request_body_bytes": Snippet("request.request_body_bytes", ("request",)),
+    "response_body_bytes": Snippet("response.response_body_bytes", ("response",)),
     "response": Snippet("entry.response"),
     "response_headers": Snippet("response.response_headers", ("response",)),
     "response_trailers": Snippet("response.response_trailers", ("response",)),
@@ -188,7 +192,7 @@ LOCALS: Mapping[str, Snippet] = {
     "end": Snippet(
         "ABSENT if start is ABSENT or elapsed is ABSENT else start + elapsed", ("start", "elapsed")
     ),
-    "host": Snippet("_host_of(request.authority)", ("request",)),
+    "host": Snippet("_host_of(authority)", ("authority",)),
 }
 
 
@@ -250,25 +254,26 @@ HTTP_CODE: Mapping[str, Snippet | Sided] = {
     "response.duration": Snippet("elapsed", ("elapsed",)),
     "request.method": Snippet("_METHODS.get(request.request_method, ABSENT)", ("request",)),
     "request.scheme": Snippet("request.scheme or ABSENT", ("request",)),
-    "request.host": Snippet("request.authority or ABSENT", ("request",)),
+    "request.host": Snippet("authority or ABSENT", ("authority",)),
     "request.path": Snippet("request.path or ABSENT", ("request",)),
     "request.url_path": Snippet("_url_path_of(request.path)", ("request",)),
     "request.useragent": Snippet("request.user_agent or ABSENT", ("request",)),
     "request.referer": Snippet("request.referer or ABSENT", ("request",)),
     "request.id": Snippet("request.request_id or ABSENT", ("request",)),
     "request.headers": Snippet("_headers_of(request)", ("request",), absent=False),
-    "request.size": Snippet("request.request_body_bytes", ("request",), absent=False),
+    "request.size": Snippet("request_body_bytes", ("request_body_bytes",), absent=False),
     "request.total_size": Snippet(
-        "request.request_headers_bytes + request.request_body_bytes", ("request",), absent=False
+        "request.request_headers_bytes + request_body_bytes", ("request", "request_body_bytes"),
+        absent=False,
     ),
     "response.code": Snippet(
         'response.response_code.value if response.HasField("response_code") else ABSENT',
         ("response",),
     ),
-    "response.size": Snippet("response.response_body_bytes", ("response",), absent=False),
+    "response.size": Snippet("response_body_bytes", ("response_body_bytes",), absent=False),
     "response.total_size": Snippet(
-        "response.response_headers_bytes + response.response_body_bytes", ("response",),
-        absent=False,
+        "response.response_headers_bytes + response_body_bytes",
+        ("response", "response_body_bytes"), absent=False,
     ),
     "response.headers": Snippet("_map(response.response_headers)", ("response",), absent=False),
     "response.grpc_status": Snippet(
