@@ -405,6 +405,7 @@ class _Code:
             prefix=f"m{index}_",
             recurring=_label_set,
             fixed=set(self.fixed.values()),
+            batched=True,
         )
         built = [
             construction.instance(b.message, b.name)
@@ -412,6 +413,7 @@ class _Code:
             if isinstance(b, InstanceBuilder)
         ]
         self.per_message += [f"{memo} = {{}}" for memo in construction.memos]
+        self.per_message += construction.templates
         body += construction.prelude
         body += [f"n{index}_{i} = {code}" for i, code in enumerate(built)]
         adds = [f"add{calls[c.method]}(n{index}_{i})" for i, c in enumerate(route.calls)]

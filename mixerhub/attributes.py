@@ -91,8 +91,8 @@ def format_go_duration(value: datetime.timedelta) -> str:
     ns = abs(ns)
     if ns < 1_000:
         return f"{sign}{ns}ns"
-    if ns < 1_000_000:
-        return f"{sign}{ns / 1_000:g}µs"
+    if ns < 1_000_000:  # whole microseconds (a timedelta's resolution): "%g" writes them as int
+        return f"{sign}{ns // 1_000}µs"
     if ns < 1_000_000_000:
         return f"{sign}{ns / 1_000_000:g}ms"
     hours, rest = divmod(ns, 3_600_000_000_000)

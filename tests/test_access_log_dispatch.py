@@ -29,8 +29,9 @@ from mixerhub.access_log_dispatch import ReportPrograms
 from mixerhub.dispatcher import ReportDispatcher
 from mixerhub.monitoring import ADAPTER_ERRORS
 from mixerhub.snapshot import Snapshot
-from mixerhub.store import documents
+from mixerhub.store import documents, mixer_kinds
 from mixerhub.store.compile import compile_snapshot, default_config_dir
+from mixerhub.templates import MetricInstance
 from tests.mesh import workload_entry
 from tests.test_access_log import entry
 from tests.test_report_codegen import REPORTERS, _http_entries, _tcp_entries
@@ -276,6 +277,63 @@ async def test_entries_with_the_same_labels_share_one_dimensions_map(
     assert headers[0].dimensions == headers[3].dimensions
     assert headers[0].dimensions is not headers[3].dimensions
     assert general_routes == []
+
+
+@pytest.mark.parametrize("kind", ["http", "tcp"])
+async def test_a_large_map_is_copied_from_its_template_in_its_own_order(
+    snapshot: Snapshot, kind: str
+) -> None:
+    # Istio's access log has 39 variables: made from a template once per message, a copy per
+    # entry. What the stdio handler writes depends on their order, not just their values.
+    entries: list[Any] = _http_entries() if kind == "http" else _tcp_entries()
+    reporter = REPORTERS[0]
+    (_, general, _), (_, generated, programs) = both_ways(snapshot, kind, entries, reporter)
+    logs = [
+        [i for call in calls for batch in call for i in batch if hasattr(i, "variables")]
+        for calls in (general, generated)
+    ]
+    assert len(logs[1]) == len(logs[0]) > 0
+    for made, expected in zip(logs[1], logs[0], strict=True):
+        assert list(made.variables.items()) == list(expected.variables.items())
+    variables = [i.variables for i in logs[1]]
+    assert len({id(v) for v in variables}) == len(variables)  # one map per entry
+    program = programs.program(kind, reporter)
+    assert program is not None
+    assert "= tpl_m" in program.source
+
+
+async def test_instances_are_made_without_their_init_as_it_would_make_them(
+    snapshot: Snapshot,
+) -> None:
+    entries: list[Any] = _http_entries()
+    (_, general, _), (_, generated, programs) = both_ways(snapshot, "http", entries, REPORTERS[0])
+    made = [i for call in generated for batch in call for i in batch]
+    expected = [i for call in general for batch in call for i in batch]
+    assert made == expected
+    assert [type(i) for i in made] == [type(i) for i in expected]
+    # A default made by a factory is a new one per instance, as __init__ makes it.
+    defaults = [i.monitored_resource_dimensions for i in made]
+    assert len({id(d) for d in defaults}) == len(defaults)
+    program = programs.program("http", REPORTERS[0])
+    assert program is not None
+    assert "_new(MetricInstance" in program.source
+
+
+def test_only_plain_dataclasses_are_made_by_stores() -> None:
+    @dataclasses.dataclass
+    class Checked:
+        name: str
+
+        def __post_init__(self) -> None:
+            raise ValueError
+
+    @dataclasses.dataclass(frozen=True)
+    class Frozen:
+        name: str
+
+    assert mixer_kinds._settable(MetricInstance)
+    assert not mixer_kinds._settable(Checked)
+    assert not mixer_kinds._settable(Frozen)
 
 
 WORKLOAD_ENTRIES = "---\n".join(

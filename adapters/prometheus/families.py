@@ -49,6 +49,7 @@ log = logging.getLogger("mixerhub.adapter.prometheus")
 
 Clock = Callable[[], float]
 LabelValues = tuple[str, ...]
+Series = list[Any]  # the kind's values, then when the series was last updated
 
 _INF = math.inf
 
@@ -99,11 +100,17 @@ class Family:
         self.name = definition.name
         self.label_names = definition.label_names
         self.help = definition.help
-        self.series: dict[LabelValues, list[Any]] = {}
+        self.series: dict[LabelValues, Series] = {}
         self.owners: list[Attachment] = []
         self._next_sweep = -_INF
 
-    def record(self, labels: LabelValues, value: float, now: float) -> None:
+    def record(self, labels: LabelValues, value: float, now: float) -> Series:
+        """Adds, sets or observes ``value`` in the series of ``labels``, created if need be;
+        returns that series, which ``update`` takes while it stays in ``series``."""
+        raise NotImplementedError
+
+    def update(self, s: Series, value: float, now: float) -> None:
+        """``record`` into a series it returned, without looking the series up again."""
         raise NotImplementedError
 
     def metric(self) -> Metric:
@@ -141,16 +148,23 @@ class Family:
 class CounterFamily(Family):
     kind = "COUNTER"
 
-    def record(self, labels: LabelValues, value: float, now: float) -> None:
+    def record(self, labels: LabelValues, value: float, now: float) -> Series:
         # Prometheus counters only go up (the Go client panicked on a negative Add).
         if not 0 <= value < _INF:
             raise ValueError(f"a counter cannot add {value}")
         s = self.series.get(labels)
         if s is None:
-            self.series[_checked(labels)] = [float(value), now]
+            s = self.series[_checked(labels)] = [float(value), now]
         else:
             s[0] += value
             s[1] = now
+        return s
+
+    def update(self, s: Series, value: float, now: float) -> None:
+        if not 0 <= value < _INF:
+            raise ValueError(f"a counter cannot add {value}")
+        s[0] += value
+        s[1] = now
 
     def _empty(self) -> Metric:
         return CounterMetricFamily(self.name, self.help, labels=self.label_names)
@@ -165,15 +179,22 @@ class CounterFamily(Family):
 class GaugeFamily(Family):
     kind = "GAUGE"
 
-    def record(self, labels: LabelValues, value: float, now: float) -> None:
+    def record(self, labels: LabelValues, value: float, now: float) -> Series:
         if value != value:
             raise ValueError("a gauge cannot be set to NaN")
         s = self.series.get(labels)
         if s is None:
-            self.series[_checked(labels)] = [value, now]
+            s = self.series[_checked(labels)] = [value, now]
         else:
             s[0] = value
             s[1] = now
+        return s
+
+    def update(self, s: Series, value: float, now: float) -> None:
+        if value != value:
+            raise ValueError("a gauge cannot be set to NaN")
+        s[0] = value
+        s[1] = now
 
     def _empty(self) -> Metric:
         return GaugeMetricFamily(self.name, self.help, labels=self.label_names)
@@ -197,13 +218,21 @@ class HistogramFamily(Family):
         # The ``le`` texts the client library's own Histogram writes ("0.005", "10.0", "1e+08").
         self._le: list[str] = [*(_le_text(b) for b in definition.bounds), "+Inf"]
 
-    def record(self, labels: LabelValues, value: float, now: float) -> None:
+    def record(self, labels: LabelValues, value: float, now: float) -> Series:
         if value != value:
             raise ValueError("a histogram cannot observe NaN")
         s = self.series.get(labels)
         if s is None:
             s = self.series[_checked(labels)] = [0] * self._size + [0.0, now]
         # bisect_left: the first bound >= value, since a bucket counts values <= its bound (le).
+        s[bisect.bisect_left(self._bounds, value)] += 1
+        s[-2] += value
+        s[-1] = now
+        return s
+
+    def update(self, s: Series, value: float, now: float) -> None:
+        if value != value:
+            raise ValueError("a histogram cannot observe NaN")
         s[bisect.bisect_left(self._bounds, value)] += 1
         s[-2] += value
         s[-1] = now

@@ -2,8 +2,9 @@
 
 What each instance does is resolved when the handler is built: per instance name, the families it
 feeds, the dimension names in each family's label order and how a duration is scaled. Handling a
-batch is then, per instance and metric, a value conversion, a tuple of label texts, a dict lookup
-and a few list stores (Mixer: COUNTER adds the value, GAUGE sets it, DISTRIBUTION observes it).
+batch is then, per instance and metric, a value conversion and a few list stores into its series
+(Mixer: COUNTER adds the value, GAUGE sets it, DISTRIBUTION observes it); the series is found by
+its label texts once per batch and label set.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .config import (
     full_name,
     validate,
 )
-from .families import Attachment, Clock, Definition, Family, LabelValues, store_for
+from .families import Attachment, Clock, Definition, Family, LabelValues, Series, store_for
 
 _DURATION_SCALE = {"SECONDS": 1.0, "MILLISECONDS": 1000.0}
 
@@ -38,7 +39,9 @@ _DURATION_SCALE = {"SECONDS": 1.0, "MILLISECONDS": 1000.0}
 class _Target:
     """One metric an instance feeds."""
 
-    record: Callable[[LabelValues, float, float], None]  # the family's record(labels, value, now)
+    index: int  # its place among the handler's targets
+    record: Callable[[LabelValues, float, float], Series]  # the family's record(labels, value, now)
+    update: Callable[[Series, float, float], None]  # the family's update(series, value, now)
     # The label values in the family's label order, as text: raises KeyError for a missing
     # dimension, TypeError or ValueError for a value that has no text.
     labels: Callable[[Mapping[str, Any]], LabelValues]
@@ -74,7 +77,9 @@ class PrometheusHandler(Handler):
                     ) from e
                 self._families.append(family)
                 target = _Target(
+                    i,
                     family.record,
+                    family.update,
                     _label_getter(
                         family.label_names,
                         _not_strings(instances.get(m.instance_name), family.label_names),
@@ -86,6 +91,7 @@ class PrometheusHandler(Handler):
             self._detach()
             raise
         self._routes = {name: tuple(targets) for name, targets in routes.items()}
+        self._width = len(params.metrics)
         self._sweep_interval = expiry.interval if expiry else math.inf
         self._next_sweep = clock() + self._sweep_interval
 
@@ -94,9 +100,19 @@ class PrometheusHandler(Handler):
         routes = self._routes
         failed = 0
         first_error = ""
-        # Instances built by one rule from one entry share their dimensions (Istio's four HTTP
-        # metrics do), and metrics with the same labels share their getter: the label values
-        # of such a run are read once.
+        # The series each target records into, found once per batch and label set: entries
+        # with the same label values share one dimensions map (the generated access-log dispatch
+        # makes one per distinct values in a message, and Istio's four HTTP metrics share it),
+        # so a record does not hash the label values again. Keyed by the map's id: the batch
+        # holds every map, so no id is reused. A series found here was just updated at ``now``,
+        # the batch's one time, so expiry cannot remove it while the batch runs (unless the
+        # batch outlasts metricsExpiryDuration); new series are still made by ``record`` alone.
+        found: dict[int, list[Series | None]] = {}
+        width = self._width
+        row: list[Series | None] = []
+        row_dimensions: object = None
+        # Metrics with the same labels share their getter: the label values of a label set are
+        # read once per run of it.
         last_dimensions: object = None
         last_getter: object = None
         labels: LabelValues = ()
@@ -107,17 +123,24 @@ class PrometheusHandler(Handler):
                 first_error = first_error or f"no metric is configured for {instance.name}"
                 continue
             dimensions = instance.dimensions
+            if dimensions is not row_dimensions:
+                row = found.get(id(dimensions)) or found.setdefault(id(dimensions), [None] * width)
+                row_dimensions = dimensions
             for target in targets:
                 try:
                     value = instance.value
                     if type(value) is not int and type(value) is not float:
                         value = _number(value, target.duration_scale)
+                    series = row[target.index]
+                    if series is not None:
+                        target.update(series, value, now)
+                        continue
                     getter = target.labels
                     if dimensions is not last_dimensions or getter is not last_getter:
                         last_dimensions, last_getter = None, None  # until it has succeeded
                         labels = getter(dimensions)
                         last_dimensions, last_getter = dimensions, getter
-                    target.record(labels, value, now)
+                    row[target.index] = target.record(labels, value, now)
                 except (KeyError, TypeError, ValueError, OverflowError) as e:
                     failed += 1
                     first_error = first_error or f"{instance.name}: {_reason(e)}"

@@ -456,6 +456,7 @@ class InstanceCode:
         prefix: str = "m",
         recurring: Callable[[type[Any], str], bool] | None = None,
         fixed: Collection[str] = (),
+        batched: bool = False,
     ) -> None:
         self.namespace, self.local, self.prefix = namespace, local, prefix
         # recurring(cls, field): whether that map field takes few distinct values from one
@@ -466,6 +467,14 @@ class InstanceCode:
         # the same value for the whole batch: they are left out of the key.
         self.recurring, self.fixed = recurring, fixed
         self.memos: list[str] = []
+        # ``batched``: the code runs in a loop over a batch (the access-log dispatch). A large
+        # map is then copied from a template made once per batch (lines in ``templates``, for
+        # the caller to run before the loop, as the memos), holding the ``fixed`` values, and
+        # only its other values are stored; and a plain dataclass instance is made by stores
+        # into its fields, without its __init__ call.
+        self.use_templates = batched
+        self.templates: list[str] = []
+        self._instances: list[str] = []
         self.prelude: list[str] = []
         self._classes: dict[type[Any], str] = {}
         self._maps: dict[str, str] = {}
@@ -502,12 +511,91 @@ class InstanceCode:
                         f"        {memo}[{key}] = {shared}",
                     ]
                 else:
-                    self.prelude.append(f"{shared} = {items}")
+                    self.prelude += self._map(shared, [(k, local[ev]) for k, ev in entries])
             fields[f] = shared
         fields.update((f, self.instance(sub, instance_name)) for f, sub in message.messages)
+        if self.use_templates and _settable(message.cls):
+            assigned = self._assigned(cls, message, instance_name, fields)
+            if assigned is not None:
+                return assigned
         args = [repr(instance_name)] if message.named else []
         args += _arguments(message.cls, fields, skip=1 if message.named else 0)
         return f"{cls}({', '.join(args)})"
+
+    def _assigned(
+        self, cls: str, message: MessageBuilder, instance_name: str, fields: Mapping[str, str]
+    ) -> str | None:
+        """The instance made in ``prelude`` by object.__new__ and a store per field, what its
+        dataclass __init__ does without the call (a Python frame, over a thousand instructions
+        an instance, five an Istio access-log entry); returns the local holding it. None when
+        a field without a default has no value: the constructor's call then says so."""
+        declared = dataclasses.fields(message.cls)
+        if not set(fields) <= {f.name for f in declared}:
+            return None
+        stores: list[tuple[str, str]] = []
+        for i, field in enumerate(declared):
+            code = fields.get(field.name)
+            if i == 0 and message.named:
+                code = repr(instance_name)
+            elif code is None:
+                if (
+                    field.default is dataclasses.MISSING
+                    and field.default_factory is dataclasses.MISSING
+                ):
+                    return None
+                code = self._default(cls, field)
+            stores.append((field.name, code))
+        name = f"{self.prefix}i{len(self._instances)}"
+        self._instances.append(name)
+        self.namespace["_new"] = object.__new__
+        lines = [f"{name} = _new({cls})", *(f"{name}.{f} = {code}" for f, code in stores)]
+        self.prelude += lines
+        return name
+
+    def _default(self, cls: str, field: dataclasses.Field[Any]) -> str:
+        if field.default_factory is dict:
+            return "{}"
+        if field.default_factory is list:
+            return "[]"
+        constant = f"_{cls}_{field.name}"
+        if field.default_factory is not dataclasses.MISSING:
+            self.namespace[constant] = field.default_factory
+            return f"{constant}()"
+        self.namespace[constant] = field.default  # shared, as __init__ shares it
+        return constant
+
+    def _map(self, name: str, items: Sequence[tuple[str, str]]) -> list[str]:
+        """Lines making map ``name`` from its (key, local) items."""
+        display = "{" + ", ".join(f"{k!r}: {v}" for k, v in items) + "}"
+        keys = {k for k, _ in items}
+        if not self.use_templates or len(items) <= _DISPLAY_CHUNK or len(keys) < len(items):
+            return [f"{name} = {display}"]
+        # Python builds a display of more than _DISPLAY_CHUNK items in chunks merged one into
+        # the next, resizing as it goes (an Istio access log's 39 variables cost about 10,000
+        # instructions that way); a copy of a dict is one block copy, and a store into a key
+        # it has does not resize.
+        template = f"tpl_{name}"
+        fixed = self.fixed
+        values = ", ".join(f"{k!r}: {v if v in fixed else 'None'}" for k, v in items)
+        self.templates.append(f"{template} = {{{values}}}")
+        stores = [f"{name}[{k!r}] = {v}" for k, v in items if v not in fixed]
+        return [f"{name} = {template}.copy()", *stores]
+
+
+def _settable(cls: type[Any]) -> bool:
+    """Whether an instance of ``cls`` is what object.__new__ and a store per field make: a
+    plain dataclass whose generated __init__ only stores its fields (or their defaults)."""
+    if not dataclasses.is_dataclass(cls) or cls.__new__ is not object.__new__:
+        return False
+    params = getattr(cls, "__dataclass_params__", None)
+    if params is None or not params.init or params.frozen or hasattr(cls, "__post_init__"):
+        return False
+    return all(f.init for f in dataclasses.fields(cls))
+
+
+# How many items CPython 3.11 puts in one dict display's build before it merges (its compiler's
+# STACK_USE_GUIDELINE of 30 stack slots, two a pair).
+_DISPLAY_CHUNK = 15
 
 
 def _arguments(cls: type[Any], fields: Mapping[str, str], skip: int) -> list[str]:

@@ -792,6 +792,80 @@ async def test_expiry_runs_on_the_report_path_without_scrapes(reg: CollectorRegi
     await h.close()
 
 
+async def test_a_shared_label_set_finds_its_series_once_per_batch(reg: CollectorRegistry) -> None:
+    h = handler(
+        reg,
+        metric("requests_total", RC, "COUNTER", "code"),
+        metric("d", RD, "DISTRIBUTION", "code", buckets={"explicitBuckets": {"bounds": [1]}}),
+    )
+    counter, histogram = h._families
+
+    class Lookups(dict[tuple[str, ...], list[Any]]):
+        gets = 0
+
+        def get(self, key: Any, default: Any = None) -> Any:
+            Lookups.gets += 1
+            return super().get(key, default)
+
+    counter.series = Lookups()
+    histogram.series = Lookups()
+    ok, not_found = {"code": 200}, {"code": 404}  # one map per label set, as the dispatch shares
+    instances = [
+        MetricInstance(name, value, dimensions)
+        for dimensions in (ok, not_found, ok, ok)  # entries of one label set need not be adjacent
+        for name, value in ((RC, 1), (RD, 0.5))
+    ]
+    assert h.handle_metric(instances) is ExportResult.SUCCESS
+    assert Lookups.gets == 4  # each metric's two series, each found once
+    assert reg.get_sample_value("istio_requests_total", {"code": "200"}) == 3
+    assert reg.get_sample_value("istio_requests_total", {"code": "404"}) == 1
+    assert reg.get_sample_value("istio_d_count", {"code": "200"}) == 3
+    assert reg.get_sample_value("istio_d_sum", {"code": "200"}) == 1.5
+    assert len(counter.series) == len(histogram.series) == 2
+    # The next batch finds them again: what a batch found does not outlive it.
+    assert h.handle_metric(instances[:2]) is ExportResult.SUCCESS
+    assert Lookups.gets == 6
+    assert reg.get_sample_value("istio_requests_total", {"code": "200"}) == 4
+    await h.close()
+
+
+async def test_a_bad_value_still_makes_no_series_with_a_shared_label_set(
+    reg: CollectorRegistry,
+) -> None:
+    h = handler(reg, metric("requests_total", RC, "COUNTER", "code"))
+    (family,) = h._families
+    dimensions = {"code": 200}
+    batch = [MetricInstance(RC, -1, dimensions), MetricInstance(RC, 2, dimensions)]
+    assert h.handle_metric(batch) is ExportResult.FAILURE  # a counter cannot go down, as before
+    assert reg.get_sample_value("istio_requests_total", {"code": "200"}) == 2
+    assert h.handle_metric([MetricInstance(RC, -1, dimensions)]) is ExportResult.FAILURE
+    assert reg.get_sample_value("istio_requests_total", {"code": "200"}) == 2
+    assert len(family.series) == 1
+    await h.close()
+
+
+async def test_an_expired_series_comes_back_from_zero_with_the_same_label_set(
+    reg: CollectorRegistry,
+) -> None:
+    clock = Clock()
+    h = handler(
+        reg,
+        metric("c", "c.instance.default", "COUNTER", "path"),
+        metricsExpirationPolicy={"metricsExpiryDuration": "10s"},  # checked every 5 s
+        clock=clock,
+    )
+    (family,) = h._families
+    dimensions = {"path": "/a"}  # the same map in every batch
+    h.handle_metric([MetricInstance("c.instance.default", 1, dimensions)] * 2)
+    assert reg.get_sample_value("istio_c_total", {"path": "/a"}) == 2
+    clock.now += 11
+    assert list(_series(reg, "istio_c_total")) == []  # the scrape's check removed it
+    h.handle_metric([MetricInstance("c.instance.default", 1, dimensions)] * 3)
+    assert reg.get_sample_value("istio_c_total", {"path": "/a"}) == 3  # a new series
+    assert list(family.series) == [("/a",)]
+    await h.close()
+
+
 # --- reloads ------------------------------------------------------------------------------------
 
 

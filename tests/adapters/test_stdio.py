@@ -15,6 +15,7 @@ from mixerhub.adapters.stdio import INFO, StdioHandler, StdioParams
 from prometheus_client import CollectorRegistry
 
 from mixerhub.adapter import Env, ExportResult
+from mixerhub.bag import parse_ip
 from mixerhub.monitoring import REGISTRY
 from mixerhub.templates import LogEntryInstance, MetricInstance
 
@@ -61,6 +62,26 @@ async def test_logentries_as_json_lines(tmp_path: Path) -> None:
         "sourceIp": "10.0.0.1",
         "labels": {"app": "web"},
     }
+
+
+async def test_envoy_addresses_and_durations_as_mixer_printed_them(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    h = handler(outputPath=str(out))
+    us = datetime.timedelta(microseconds=1)
+    durations = [0 * us, us, 201 * us, 999 * us, 1000 * us, 1500 * us, -5 * us, 2_000_001 * us]
+    h.handle_logentry(
+        [
+            entry(sourceIp=parse_ip("10.0.0.1"), destinationIp=parse_ip("::1"), latency=d)
+            for d in durations
+        ]
+    )
+    lines = await lines_of(h, out)
+    head = (
+        '{"level":"info","time":"2026-11-25T12:00:00.500000Z",'
+        '"instance":"accesslog.instance.istio-system","sourceIp":"10.0.0.1","destinationIp":"::1"'
+    )
+    texts = ["0s", "1µs", "201µs", "999µs", "1ms", "1.5ms", "-5µs", "2.000001s"]
+    assert lines == [f'{head},"latency":"{t}"}}' for t in texts]
 
 
 async def test_text_lines_and_severity_levels(tmp_path: Path) -> None:
