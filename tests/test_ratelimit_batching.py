@@ -144,7 +144,7 @@ async def test_a_lost_connection_fails_a_waiting_batch(server: RedisServer) -> N
             await held[-1]
         await asyncio.gather(*held, return_exceptions=True)
         assert await conn.call("ECHO", "after") == b"after"  # connected again
-        await asyncio.sleep(1.0)  # the batch's time is past: its timer is gone with it
+        await asyncio.sleep(1.0)  # past the lost batch's time
         assert await conn.call("ECHO", "later") == b"later"
     finally:
         await conn.aclose()
