@@ -1,11 +1,12 @@
 """Rate limits: ShouldRateLimit through the hub with Redis (three descriptors per request) against
 a trivial grpc.aio handler, in the same run on the same machine, driven by the same gRPC load
-generator (a separate process of concurrent clients), in alternated rounds of which the best of
-each counts. Prints both throughputs and latency percentiles, the latencies again at a third of
-that load (where the hub's waits to batch its writes to Redis would show), each server's CPU per
-call (from /proc), and the Redis commands per decision read from Redis's own INFO commandstats.
+generator (concurrent grpc.aio clients in this script's process), in alternated rounds of which
+the best of each counts. Prints both throughputs and latency percentiles, the latencies again at
+a third of that load (where the hub's waits to batch its writes to Redis would show), each
+server's CPU per call (from /proc), and the Redis commands per decision read from Redis's own
+INFO commandstats.
 
-    python bench/quota.py [--seconds 5] [--rounds 3] [--concurrency 64] [--memory]
+    python bench/quota.py [--seconds 5] [--rounds 5] [--concurrency 64] [--memory]
 """
 
 from __future__ import annotations
